@@ -1,0 +1,121 @@
+"""The ``leukofed`` command: one subcommand per pipeline stage.
+
+Each subcommand is what one Snakemake rule runs. Heavy libraries (torch, mlflow) are imported only
+by the stage that needs them, so ``leukofed --help`` and the data stages start fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from leukofed.errors import LeukofedError
+
+
+def _add_params(parser: argparse.ArgumentParser, dataset: bool = True) -> None:
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: params.yaml)")
+    if dataset:
+        parser.add_argument("--dataset", help="entry of `datasets` in params (default: the params' `dataset`)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(prog="leukofed", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="STAGE")
+
+    acquire = commands.add_parser("acquire", help="get the dataset (folder, zip, URL or synthetic) and list it")
+    _add_params(acquire)
+    acquire.add_argument("--workdir", type=Path, required=True, help="where manifest.csv and source.json go")
+
+    preprocess = commands.add_parser("preprocess", help="validate, group duplicates, resize and cache as uint8")
+    _add_params(preprocess, dataset=False)
+    preprocess.add_argument("--workdir", type=Path, required=True, help="the acquire stage's folder")
+    preprocess.add_argument("--out-dir", type=Path, required=True, help="cache folder to write")
+
+    split = commands.add_parser("split", help="stratified, duplicate-group-aware train/val/test split")
+    _add_params(split, dataset=False)
+    split.add_argument("--cache", type=Path, required=True, help="the preprocess stage's cache folder")
+    split.add_argument("--out", type=Path, required=True, help="split CSV to write (a .json summary goes beside it)")
+
+    train = commands.add_parser("train", help="centralized baseline: train on the pooled training split")
+    _add_params(train)
+    train.add_argument("--cache", type=Path, required=True)
+    train.add_argument("--split", type=Path, required=True)
+    train.add_argument("--out-dir", type=Path, required=True, help="model.pt, history.csv, training.json")
+
+    partition = commands.add_parser("partition", help="non-IID split of the pooled train+val images into N sites")
+    _add_params(partition, dataset=False)
+    partition.add_argument("--cache", type=Path, required=True, help="the preprocess stage's cache folder")
+    partition.add_argument("--split", type=Path, required=True, help="the split stage's CSV (its test part stays global)")
+    partition.add_argument("--sites", type=int, required=True, help="number of sites (an entry of partition.sites)")
+    partition.add_argument("--out-dir", type=Path, required=True, help="partition.csv, heterogeneity.json and .png")
+
+    federate = commands.add_parser("federate", help="in-process federated training of one entry of federation.runs")
+    _add_params(federate)
+    federate.add_argument("--run", required=True, help="entry of federation.runs, e.g. fedavg-3")
+    federate.add_argument("--cache", type=Path, required=True)
+    federate.add_argument("--partition", type=Path, required=True, help="the partition stage's partition.csv")
+    federate.add_argument("--out-dir", type=Path, required=True, help="model.pt, final_model.pt, rounds.csv, federation.json")
+
+    evaluate = commands.add_parser(
+        "evaluate", help="metrics of a model on the test split, or on any labelled folder (--data)"
+    )
+    _add_params(evaluate, dataset=False)
+    evaluate.add_argument("--model", type=Path, required=True, help="a leukofed checkpoint (model.pt)")
+    source = evaluate.add_mutually_exclusive_group(required=True)
+    source.add_argument("--cache", type=Path, help="cache folder of the training data (uses --split's test part)")
+    source.add_argument("--data", type=Path, help="a folder in the official layout (Original/<Class>/*.jpg)")
+    evaluate.add_argument("--split", type=Path, help="split CSV (with --cache)")
+    evaluate.add_argument("--out-dir", type=Path, required=True)
+
+    report = commands.add_parser("report", help="summary.json and README.md from every evaluated model")
+    _add_params(report, dataset=False)
+    report.add_argument("--results", type=Path, required=True, help="results/<dataset>")
+    report.add_argument("--out-dir", type=Path, required=True, help="reports/<dataset>")
+    report.add_argument("--command", dest="made_by", help="the command recorded as having made the report")
+    return parser
+
+
+def _run(args: argparse.Namespace) -> str:
+    from leukofed import stages
+    from leukofed.config import load_params
+
+    params = load_params(args.params)
+    if args.command == "acquire":
+        return stages.acquire(params, args.dataset or params.dataset, args.workdir)
+    if args.command == "preprocess":
+        return stages.preprocess(params, args.workdir, args.out_dir)
+    if args.command == "split":
+        return stages.split(params, args.cache, args.out)
+    if args.command == "train":
+        return stages.train_centralized(params, args.dataset or params.dataset, args.cache, args.split, args.out_dir)
+    if args.command == "evaluate":
+        if args.cache is not None and args.split is None:
+            raise LeukofedError("evaluate: --cache needs --split (the split CSV whose test part is evaluated)")
+        return stages.evaluate(params, args.model, args.out_dir, cache_dir=args.cache, split_path=args.split, data_dir=args.data)
+    if args.command == "partition":
+        return stages.partition(params, args.cache, args.split, args.sites, args.out_dir)
+    if args.command == "federate":
+        return stages.federate(params, args.dataset or params.dataset, args.run, args.cache, args.partition, args.out_dir)
+    if args.command == "report":
+        return stages.report(params, args.results, args.out_dir, args.made_by or "leukofed report")
+    raise AssertionError(f"unhandled command {args.command}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one stage; user errors print one clear message and exit with status 2."""
+    args = build_parser().parse_args(argv)
+    try:
+        print(_run(args))
+    except LeukofedError as error:
+        print(f"leukofed {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"leukofed {args.command}: interrupted; rerun the same command to continue", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

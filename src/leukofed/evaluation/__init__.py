@@ -1,0 +1,1 @@
+"""Evaluation of trained models: metrics, calibration, statistics, explanations and audits."""

@@ -1,0 +1,373 @@
+"""Pipeline stages: each composes the library modules for one CLI subcommand (one Snakemake rule).
+
+A stage reads its inputs, calls the library, writes its outputs atomically and returns a one-line
+summary for the terminal. Every output records the data provenance of its inputs.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from leukofed.config import FederationRun, Params
+from leukofed.errors import ConfigError, DataError
+from leukofed.io import write_json, write_text
+from leukofed.provenance import DataProvenance, git_commit
+
+CENTRALIZED = "centralized"
+
+
+def acquire(params: Params, dataset: str, workdir: Path) -> str:
+    """Get dataset ``dataset`` and write its manifest and source record into ``workdir``."""
+    from leukofed.data.acquire import acquire as acquire_dataset
+
+    provenance = acquire_dataset(dataset, params.dataset_spec(dataset), params.data, params.download, workdir)
+    return f"acquired {provenance.n_images} images from {provenance.location} (data {provenance.fingerprint[:12]})"
+
+
+def preprocess(params: Params, workdir: Path, out_dir: Path) -> str:
+    """Validate, group duplicates, resize and cache the acquired dataset."""
+    from leukofed.data.acquire import load_source
+    from leukofed.data.cache import build_cache
+
+    root, manifest, provenance = load_source(workdir)
+    meta = build_cache(root, manifest, provenance, params.data, out_dir)
+    return (
+        f"cached {meta['n_valid']} of {meta['n_checked']} images at {meta['image_size']} px "
+        f"({meta['n_invalid']} invalid, {meta['n_groups']} duplicate-aware groups) in {out_dir}"
+    )
+
+
+def split(params: Params, cache_dir: Path, out_path: Path) -> str:
+    """Assign every cached image to train/val/test, keeping duplicate groups on one side."""
+    from leukofed.data.cache import load_cache
+    from leukofed.data.split import stratified_group_split, write_split
+
+    cache = load_cache(cache_dir)
+    assignment = stratified_group_split(cache.index["label_index"].to_numpy(), cache.index["group"].to_numpy(), params.split)
+    summary = write_split(cache.index, assignment, out_path, cache.provenance)
+    sizes = ", ".join(f"{name} {sum(counts.values())}" for name, counts in summary["counts"].items())
+    return f"split {len(assignment)} images: {sizes}"
+
+
+def _split_arrays(cache, split_table: pd.DataFrame, part: str) -> tuple[np.ndarray, np.ndarray]:
+    """Images and labels of one split part, in cache order."""
+    rows = split_table.loc[split_table["split"] == part, "row"].to_numpy()
+    return np.asarray(cache.images[rows]), cache.index["label_index"].to_numpy()[rows]
+
+
+def _check_split_matches(cache, split_table: pd.DataFrame, split_path: Path) -> None:
+    if len(split_table) != len(cache.index) or not (split_table["relpath"].to_numpy() == cache.index["relpath"].to_numpy()).all():
+        raise DataError(f"{split_path}: does not match the cache it is used with; rerun the split stage")
+
+
+def train_centralized(params: Params, dataset: str, cache_dir: Path, split_path: Path, out_dir: Path) -> str:
+    """Train the centralized baseline on the pooled training split; track it in MLflow."""
+    from leukofed.data.cache import load_cache
+    from leukofed.data.split import read_split
+    from leukofed.model import build_model, count_parameters
+    from leukofed.tracking import RunTracker, flatten_params
+    from leukofed.training import configure_torch, save_checkpoint, train_model
+
+    cache = load_cache(cache_dir)
+    split_table = read_split(split_path)
+    _check_split_matches(cache, split_table, split_path)
+    train_images, train_labels = _split_arrays(cache, split_table, "train")
+    val_images, val_labels = _split_arrays(cache, split_table, "val")
+
+    configure_torch(params.runtime.threads, params.train.seed)
+    model = build_model(params.model, len(cache.classes))
+    run_params = flatten_params(
+        {"model": params.model.model_dump(), "train": params.train.model_dump(), "split": params.split.model_dump(),
+         "data": {"image_size": params.data.image_size, "near_duplicate": params.data.near_duplicate.model_dump()}}
+    )
+    tags = _run_tags(dataset, cache.provenance, CENTRALIZED)
+    started = time.perf_counter()
+    with RunTracker(params.tracking, run_name=f"{dataset}/{CENTRALIZED}", params=run_params, tags=tags) as run:
+        result = train_model(
+            model, train_images, train_labels, params.train,
+            val_images=val_images, val_labels=val_labels, progress=params.runtime.progress,
+            on_epoch=lambda row: run.log_metrics(_numeric(row), step=row["epoch"]),
+        )
+        model.load_state_dict(result.state_dict)
+        seconds = time.perf_counter() - started
+        out_dir.mkdir(parents=True, exist_ok=True)
+        history = pd.DataFrame(result.history)
+        write_text(out_dir / "history.csv", history.to_csv(index=False))
+        record = {
+            "model": CENTRALIZED,
+            "data": cache.provenance.to_dict(),
+            "n_parameters": count_parameters(model),
+            "n_train": int(len(train_labels)),
+            "n_val": int(len(val_labels)),
+            "best_epoch": result.best_epoch,
+            "best_val_accuracy": history.loc[history["epoch"] == result.best_epoch, "val_accuracy"].item(),
+            "seconds": round(seconds, 2),
+            "params": {"model": params.model.model_dump(), "train": params.train.model_dump()},
+            "mlflow_run_id": run.run_id,
+            "git_commit": tags["git_commit"],
+        }
+        save_checkpoint(
+            out_dir / "model.pt", model, model_params=params.model, classes=cache.classes,
+            image_size=int(cache.meta["image_size"]), provenance=cache.provenance, extra={"training": record},
+        )
+        write_json(out_dir / "training.json", record)
+        run.log_artifact(out_dir / "history.csv")
+        run.log_artifact(out_dir / "training.json")
+        version = run.log_model(
+            model, name="model", registered_name=_registered_name(params, dataset, CENTRALIZED), alias=params.tracking.model_alias
+        )
+    return (
+        f"trained {CENTRALIZED} ({record['n_parameters']} parameters) on {record['n_train']} images in {seconds:.0f} s: "
+        f"best val accuracy {record['best_val_accuracy']:.4f} at epoch {result.best_epoch}; registered version {version}"
+    )
+
+
+def _registered_name(params: Params, dataset: str, kind: str) -> str:
+    return f"{params.tracking.registered_model_prefix}-{dataset}-{kind}"
+
+
+def _run_tags(dataset: str, provenance: DataProvenance, kind: str) -> dict[str, str]:
+    return {
+        "dataset": dataset,
+        "kind": kind,
+        "data_source": provenance.source,
+        "data_fingerprint": provenance.fingerprint,
+        "synthetic_data": str(provenance.is_synthetic).lower(),
+        "git_commit": git_commit(),
+    }
+
+
+def _numeric(row: dict) -> dict[str, float]:
+    """The metrics of one history row that MLflow can log (drops the step and missing values)."""
+    return {key: float(value) for key, value in row.items() if key != "epoch" and value is not None}
+
+
+def evaluate(
+    params: Params,
+    model_path: Path,
+    out_dir: Path,
+    *,
+    cache_dir: Path | None = None,
+    split_path: Path | None = None,
+    data_dir: Path | None = None,
+) -> str:
+    """Evaluate a checkpoint on the test split of a cache, or on a labelled folder (external validation)."""
+    from leukofed.evaluation.metrics import write_evaluation
+    from leukofed.training import configure_torch, load_checkpoint, predict_proba
+
+    model, meta = load_checkpoint(model_path)
+    if data_dir is not None:
+        cache = _cache_external(params, data_dir, out_dir)
+        rows = np.arange(len(cache.index))
+    else:
+        from leukofed.data.cache import load_cache
+        from leukofed.data.split import read_split
+
+        cache = load_cache(cache_dir)
+        split_table = read_split(split_path)
+        _check_split_matches(cache, split_table, split_path)
+        rows = split_table.loc[split_table["split"] == "test", "row"].to_numpy()
+    if list(meta["classes"]) != list(cache.classes):
+        raise DataError(f"{model_path}: trained on classes {meta['classes']}, but the data have {cache.classes}")
+    if int(meta["image_size"]) != int(cache.meta["image_size"]):
+        raise DataError(
+            f"{model_path}: trained at {meta['image_size']} px but the data are cached at {cache.meta['image_size']} px; "
+            "set data.image_size to the model's size"
+        )
+    configure_torch(params.runtime.threads, params.train.seed)
+    proba = predict_proba(model, np.asarray(cache.images[rows]), params.train.eval_batch_size)
+    model_name = model_path.parent.name
+    model_info = {"name": model_name, "path": str(model_path), "trained_on": meta["provenance"], **meta.get("extra", {})}
+    metrics = write_evaluation(
+        out_dir, cache.index["label_index"].to_numpy()[rows], proba, cache.classes,
+        cache.index["relpath"].to_numpy()[rows].tolist(), cache.provenance, model_info, title=f"{model_name} — confusion matrix",
+    )
+    return f"evaluated {model_name} on {metrics['n']} images: accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}"
+
+
+def _cache_external(params: Params, data_dir: Path, out_dir: Path):
+    """Acquire, validate and cache a labelled folder so it can be evaluated like the test split."""
+    from leukofed.config import DatasetSpec
+    from leukofed.data.acquire import acquire as acquire_dataset
+    from leukofed.data.acquire import load_source
+    from leukofed.data.cache import build_cache, load_cache
+
+    spec = DatasetSpec(source="folder", path=str(data_dir))
+    with tempfile.TemporaryDirectory(prefix="leukofed-external-") as tmp:
+        acquire_dataset(f"external-{Path(data_dir).name.lower()}", spec, params.data, params.download, Path(tmp))
+        root, manifest, provenance = load_source(Path(tmp))
+        build_cache(root, manifest, provenance, params.data, out_dir / "cache")
+    return load_cache(out_dir / "cache")
+
+
+def report(params: Params, results_dir: Path, out_dir: Path, command: str) -> str:
+    """Build reports/<dataset>/ (summary.json, README.md, figures) from every evaluated model."""
+    from leukofed.report import build_report
+
+    summary = build_report(results_dir, out_dir, paper_accuracy=params.report.paper_accuracy, command=command)
+    models = ", ".join(f"{name} {entry['accuracy']:.4f}" for name, entry in summary["models"].items())
+    return f"report written to {out_dir}: {models}"
+
+
+def partition(params: Params, cache_dir: Path, split_path: Path, n_sites: int, out_dir: Path) -> str:
+    """Deal the pooled train+val images out to ``n_sites`` sites; write the partition and its heterogeneity."""
+    from leukofed.data.cache import load_cache
+    from leukofed.data.partition import partition_pool, write_partition
+    from leukofed.data.split import read_split
+
+    if n_sites not in params.partition.sites:
+        raise ConfigError(f"partition: {n_sites} sites is not listed in partition.sites {params.partition.sites}; add it there")
+    cache = load_cache(cache_dir)
+    split_table = read_split(split_path)
+    _check_split_matches(cache, split_table, split_path)
+    table = partition_pool(split_table, cache.classes, params.partition, n_sites)
+    stats = write_partition(table, out_dir, cache.classes, cache.provenance, params.partition)
+    summary = stats["summary"]
+    return (
+        f"partitioned {len(table)} train+val images into {n_sites} sites of {summary['sizes']} images "
+        f"(size CV {summary['size_cv']:.2f}, mean JS divergence {summary['js_divergence_mean']:.3f} bits) in {out_dir}"
+    )
+
+
+FEDERATION_CHECKPOINT_DIR = "checkpoint"
+
+
+def federate(params: Params, dataset: str, run_name: str, cache_dir: Path, partition_path: Path, out_dir: Path) -> str:
+    """Train the federated model ``federation.runs.<run_name>`` over its partition; track it in MLflow.
+
+    Writes ``model.pt`` (the best round's global model, by global validation accuracy: what the
+    evaluate stage tests), ``final_model.pt`` (the last round's), ``rounds.csv`` and
+    ``federation.json`` (fairness, bytes, faults, per-site figures, heterogeneity, and the round time
+    against the same amount of centralized training).
+    """
+    import copy
+    import hashlib
+
+    from leukofed.data.cache import load_cache
+    from leukofed.data.partition import HETEROGENEITY_FILE, read_partition
+    from leukofed.federation.engine import (
+        centralized_equivalent_seconds,
+        remove_checkpoint,
+        round_table,
+        run_federation,
+        summarize,
+    )
+    from leukofed.io import read_json
+    from leukofed.model import build_model, count_parameters
+    from leukofed.tracking import RunTracker, flatten_params
+    from leukofed.training import configure_torch, save_checkpoint
+
+    run = _federation_run(params, run_name)
+    cache = load_cache(cache_dir)
+    sites = _federated_sites(cache, read_partition(partition_path), partition_path, run.sites)
+    configure_torch(params.runtime.threads, params.train.seed)
+    model = build_model(params.model, len(cache.classes))
+    initial = copy.deepcopy(model)
+    settings = {"run": run.model_dump(), "federation": params.federation.model_dump(exclude={"runs"}),
+                "model": params.model.model_dump(), "train": params.train.model_dump()}
+    tags = {**_run_tags(dataset, cache.provenance, run_name), "strategy": run.strategy, "sites": str(run.sites)}
+    out_dir = Path(out_dir)
+    with RunTracker(params.tracking, run_name=f"{dataset}/{run_name}", params=flatten_params(settings), tags=tags) as tracker:
+        result = run_federation(
+            model, sites, run, params.federation, params.train,
+            checkpoint_dir=out_dir / FEDERATION_CHECKPOINT_DIR,
+            data_key=hashlib.sha256(Path(partition_path).read_bytes()).hexdigest() + cache.provenance.fingerprint,
+            on_round=lambda record: tracker.log_metrics(_round_metrics(record), step=record["round"]),
+            progress=params.runtime.progress,
+        )
+        _log_site_runs(tracker, result.records, dataset, run_name)
+        summary = summarize(result, sites)
+        centralized = centralized_equivalent_seconds(initial, sites, params.train, params.federation.local_epochs)
+        summary["timing"] |= {"centralized_equivalent": centralized,
+                              "round_to_centralized": summary["timing"]["round_median"] / centralized}
+        record = {
+            "model": run_name,
+            "data": cache.provenance.to_dict(),
+            "n_parameters": count_parameters(model),
+            **summary,
+            "heterogeneity": read_json(Path(partition_path).with_name(HETEROGENEITY_FILE))["summary"],
+            "resumed_from_round": result.resumed_from,
+            "params": settings,
+            "mlflow_run_id": tracker.run_id,
+            "git_commit": tags["git_commit"],
+        }
+        write_text(out_dir / "rounds.csv", round_table(result.records).to_csv(index=False))
+        write_json(out_dir / "federation.json", record)
+        for name, state in (("final_model.pt", result.final_state), ("model.pt", result.best_state)):
+            model.load_state_dict(state)  # model.pt last: the model stays the best one for registration
+            save_checkpoint(
+                out_dir / name, model, model_params=params.model, classes=cache.classes,
+                image_size=int(cache.meta["image_size"]), provenance=cache.provenance, extra={"federation": record},
+            )
+        tracker.log_metrics({"best_val_accuracy": summary["best"]["val_accuracy"],
+                             "fairness_jain": summary["fairness"]["best"]["jain"]}, step=result.best_round)
+        for name in ("rounds.csv", "federation.json"):
+            tracker.log_artifact(out_dir / name)
+        version = tracker.log_model(
+            model, name="model", registered_name=_registered_name(params, dataset, run_name), alias=params.tracking.model_alias
+        )
+    remove_checkpoint(out_dir / FEDERATION_CHECKPOINT_DIR)
+    return (
+        f"federated {run_name} ({run.strategy}, {run.sites} sites, {summary['rounds']} rounds) in "
+        f"{summary['timing']['round_median']:.1f} s per round ({summary['timing']['round_to_centralized']:.2f}x the same "
+        f"centralized training): best global val accuracy {summary['best']['val_accuracy']:.4f} at round "
+        f"{summary['best_round']}, Jain fairness {summary['fairness']['best']['jain']:.3f}, "
+        f"{(summary['bytes']['sent'] + summary['bytes']['received']) / 1e6:.1f} MB exchanged; registered version {version}"
+    )
+
+
+def _federation_run(params: Params, run_name: str) -> FederationRun:
+    if run_name not in params.federation.runs:
+        raise ConfigError(
+            f"federate: '{run_name}' is not an entry of federation.runs ({sorted(params.federation.runs)}); add it there"
+        )
+    return params.federation.runs[run_name]
+
+
+def _federated_sites(cache, table: pd.DataFrame, partition_path: Path, n_sites: int) -> list:
+    """Each site's local train and validation images and labels, from a partition of this cache."""
+    from leukofed.federation.engine import SiteData
+
+    rows = table["row"].to_numpy()
+    if rows.max(initial=-1) >= len(cache.index) or not (cache.index["relpath"].to_numpy()[rows] == table["relpath"].to_numpy()).all():
+        raise DataError(f"{partition_path}: does not match the cache it is used with; rerun the partition stage")
+    if sorted(set(table["site"])) != list(range(1, n_sites + 1)):
+        raise DataError(f"{partition_path}: holds sites {sorted(set(table['site']))}, not 1..{n_sites}; rerun the partition stage")
+    labels = cache.index["label_index"].to_numpy()
+    sites = []
+    for number in range(1, n_sites + 1):
+        parts = {part: table.loc[(table["site"] == number) & (table["part"] == part), "row"].to_numpy() for part in ("train", "val")}
+        sites.append(SiteData(number, np.asarray(cache.images[parts["train"]]), labels[parts["train"]],
+                              np.asarray(cache.images[parts["val"]]), labels[parts["val"]]))
+    return sites
+
+
+def _round_metrics(record: dict) -> dict[str, float]:
+    """A round's global metrics for the parent MLflow run."""
+    return {
+        "val_loss": record["val_loss"],
+        "val_accuracy": record["val_accuracy"],
+        "sites_accepted": len(record["accepted"]),
+        "sites_rejected": len(record["rejected"]),
+        "kept_previous": float(record["kept_previous"]),
+        "bytes_sent": record["bytes_sent"],
+        "bytes_received": record["bytes_received"],
+        "round_seconds": record["seconds"],
+    }
+
+
+def _log_site_runs(tracker, records: list[dict], dataset: str, run_name: str) -> None:
+    """One nested MLflow run per site with its per-round metrics (step = round).
+
+    Written once the rounds are done: MLflow keeps one active run per thread, so the sites' runs
+    cannot all stay open while the parent logs each round live.
+    """
+    for site in records[0]["sites"]:
+        with tracker.child(f"{dataset}/{run_name}/site-{site}", tags={"site": str(site)}) as child:
+            for record in records:
+                child.log_metrics(record["sites"][site], step=record["round"])
