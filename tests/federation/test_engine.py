@@ -102,6 +102,7 @@ def test_rounds_record_global_and_per_site_metrics(reference):
             assert entry["bytes_sent"] == entry["bytes_received"] == state_bytes
             assert 0.0 <= entry["train_accuracy"] <= 1.0 and 0.0 <= entry["val_accuracy"] <= 1.0
         assert record["bytes_sent"] == 3 * state_bytes
+        assert record["lr"] == engine.round_lr(TRAIN, record["round"], ROUNDS)
     best = result.records[result.best_round - 1]
     assert best["val_accuracy"] == max(record["val_accuracy"] for record in result.records)
     assert _equal(model.state_dict(), result.best_state)
@@ -232,6 +233,13 @@ def test_each_strategy_trains_to_finite_weights_of_its_own(reference, tmp_path, 
     _, result = federate(tmp_path, run=a_run(strategy))
     assert all(bool(torch.isfinite(value.float()).all()) for value in result.final_state.values())
     assert not _equal(result.final_state, reference[1].final_state)
+
+
+def test_the_learning_rate_schedule_runs_over_the_rounds():
+    cosine = [engine.round_lr(TRAIN, number, 10) for number in range(1, 11)]
+    assert cosine[0] == TRAIN.lr and all(a > b > 0 for a, b in zip(cosine, cosine[1:]))
+    constant = TRAIN.model_copy(update={"lr_schedule": "constant"})
+    assert {engine.round_lr(constant, number, 10) for number in range(1, 11)} == {TRAIN.lr}
 
 
 def test_fairness_statistics():

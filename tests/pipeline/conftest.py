@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def tiny_params() -> dict:
-    """The repository's params.yaml, shrunk: few small images and two short epochs."""
+    """The repository's params.yaml, shrunk: few small images, two short epochs, two federated rounds."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["datasets"] = {
         "synthetic": {
@@ -25,6 +25,9 @@ def tiny_params() -> dict:
     }
     params["data"]["image_size"] = 32
     params["train"].update(epochs=2, batch_size=16)
+    params["federation"]["local_epochs"] = 1
+    for run in params["federation"]["runs"].values():
+        run["rounds"] = 2
     params["runtime"]["progress"] = False
     return params
 

@@ -16,6 +16,8 @@ Choices worth knowing:
   ``local`` (FedBN): the server sends no BatchNorm entries, so each site keeps its own BatchNorm
   weights and statistics across rounds; sites still upload them so that the server can form one
   servable global model, which uses their sample-weighted average.
+- **Learning rate.** ``train.lr_schedule`` runs over the rounds: with ``cosine`` each round's local
+  learning rate is ``train.lr`` scaled by a cosine of the round number, constant within the round.
 - **Bytes.** Sent: the global entries a site downloads; received: the entries it uploads (0 if its
   training raised). Tensor payload only, as ``numel * element_size``.
 - **Determinism.** All randomness comes from the server generator (``federation.seed``): the site
@@ -155,7 +157,7 @@ def run_federation(
     -------
     FederationResult
         Each record holds ``round``, ``selected``, ``accepted``, ``rejected`` (site -> reason),
-        ``kept_previous``, ``val_loss``, ``val_accuracy``, ``bytes_sent``, ``bytes_received``,
+        ``kept_previous``, ``lr`` (the round's local learning rate), ``val_loss``, ``val_accuracy``, ``bytes_sent``, ``bytes_received``,
         ``seconds``, ``train_seconds``, ``aggregate_seconds``, ``eval_seconds`` and ``sites``
         (site number -> ``train_loss``, ``train_accuracy``, ``val_loss``, ``val_accuracy``,
         ``bytes_sent``, ``bytes_received``; training entries None when not selected or rejected).
@@ -198,6 +200,7 @@ def _run_round(
     n_selected = math.ceil(federation.fraction_fit * len(sites))
     selected = np.sort(state.rng.choice(len(sites), size=n_selected, replace=False))
     seeds = state.rng.integers(0, SEED_BOUND, size=n_selected)
+    local_train = train.model_copy(update={"lr": round_lr(train, round_number, run.rounds), "lr_schedule": "constant"})
     sent_keys = exchanged_keys(state.global_state, local_keys)
     received_keys = exchanged_keys(state.global_state)
     site_records = {site.number: _idle_site() for site in sites}
@@ -206,7 +209,7 @@ def _run_round(
         site = sites[index]
         entry = site_records[site.number]
         entry["bytes_sent"] = state_nbytes(state.global_state, sent_keys)
-        update, history, reason = _train_site(model, site, state, train.model_copy(update={"seed": int(seed)}),
+        update, history, reason = _train_site(model, site, state, local_train.model_copy(update={"seed": int(seed)}),
                                               federation.local_epochs, mu, progress)
         if update is not None:
             entry["bytes_received"] = state_nbytes(update, received_keys)
@@ -241,6 +244,7 @@ def _run_round(
         "accepted": accepted,
         "rejected": rejected,
         "kept_previous": kept_previous,
+        "lr": local_train.lr,
         "val_loss": val_loss,
         "val_accuracy": val_accuracy,
         "bytes_sent": sum(entry["bytes_sent"] for entry in site_records.values()),
@@ -255,6 +259,18 @@ def _run_round(
     if _improves(record, state.records[state.best_round - 1] if state.best_round else None):
         state.best_round, state.best_state = round_number, state.global_state
     return record
+
+
+def round_lr(train: TrainParams, round_number: int, rounds: int) -> float:
+    """The local learning rate of a round: ``train.lr_schedule`` applied over the rounds.
+
+    ``cosine`` decays it from ``train.lr`` in round 1 towards 0 by the last round, as the centralized
+    run decays it over its steps; within a round it stays constant. (Restarting a cosine inside every
+    short round would halve the mean step size and never let the late rounds settle.)
+    """
+    if train.lr_schedule == "cosine":
+        return train.lr * 0.5 * (1 + math.cos(math.pi * (round_number - 1) / rounds))
+    return train.lr
 
 
 def _idle_site() -> dict:
