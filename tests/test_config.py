@@ -73,3 +73,21 @@ def test_missing_and_malformed_files(tmp_path):
     broken.write_text("- just\n- a list\n")
     with pytest.raises(ConfigError, match="mapping of sections"):
         load_params(broken)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "key", "says"),
+    [
+        (lambda r: r["analysis"]["cam"].update(methods=["gradcam", "gradcam"]), "analysis.cam.methods", "twice"),
+        (lambda r: r["analysis"]["cam"].update(methods=["saliency"]), "analysis.cam.methods", "eigencam"),
+        (lambda r: r["analysis"]["audit"].update(corner_grid=7), "analysis.audit", "must divide corner_size"),
+        (lambda r: r["analysis"]["audit"].update(corner="middle"), "analysis.audit.corner", "bottom-right"),
+        (lambda r: r["analysis"].update(temperature_bounds=[2.0, 5.0]), "analysis.temperature_bounds", "low < 1 < high"),
+        (lambda r: r["analysis"]["bootstrap"].update(confidence=95), "analysis.bootstrap.confidence", "less than 1"),
+    ],
+)
+def test_bad_analysis_values_name_their_key(raw, mutate, key, says):
+    mutate(raw)
+    with pytest.raises(ConfigError) as error:
+        parse_params(raw)
+    assert key in str(error.value) and says in str(error.value)

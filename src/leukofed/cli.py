@@ -74,7 +74,46 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--results", type=Path, required=True, help="results/<dataset>")
     report.add_argument("--out-dir", type=Path, required=True, help="reports/<dataset>")
     report.add_argument("--command", dest="made_by", help="the command recorded as having made the report")
+    _add_analysis_commands(commands)
     return parser
+
+
+def _add_analysis_commands(commands) -> None:
+    """Subcommands that analyse trained models: calibrate, explain, audit, compare, predict."""
+    calibrate = commands.add_parser("calibrate", help="reliability, ECE/MCE, Brier, NLL; temperature scaling on validation data")
+    _add_params(calibrate, dataset=False)
+    calibrate.add_argument("--model", type=Path, required=True, help="a leukofed checkpoint (model.pt)")
+    calibrate.add_argument("--cache", type=Path, required=True)
+    calibrate.add_argument("--split", type=Path, required=True, help="split CSV: test part scored, val part fits T")
+    calibrate.add_argument("--partition", type=Path,
+                           help="federated model: its partition.csv; each site fits T on its own validation part")
+    calibrate.add_argument("--out-dir", type=Path, required=True, help="calibration.json, reliability.png, confidence.png")
+
+    explain = commands.add_parser("explain", help="Grad-CAM panels of the test images and the randomisation check")
+    _add_params(explain, dataset=False)
+    explain.add_argument("--model", type=Path, required=True, help="a leukofed checkpoint (model.pt)")
+    explain.add_argument("--cache", type=Path, required=True)
+    explain.add_argument("--split", type=Path, required=True)
+    explain.add_argument("--out-dir", type=Path, required=True, help="cam.json and the PNG panels")
+
+    audit = commands.add_parser("audit", help="shortcut audit: linear models on border colour and a corner patch")
+    _add_params(audit, dataset=False)
+    audit.add_argument("--cache", type=Path, required=True)
+    audit.add_argument("--split", type=Path, required=True)
+    audit.add_argument("--out", type=Path, required=True, help="shortcut.json to write")
+
+    compare = commands.add_parser("compare", help="bootstrap CIs of every model; McNemar centralized vs each federated")
+    _add_params(compare, dataset=False)
+    compare.add_argument("--results", type=Path, required=True, help="results/<dataset> (reads <model>/eval/)")
+    compare.add_argument("--out", type=Path, required=True, help="statistics.json to write")
+
+    predict = commands.add_parser("predict", help="classify image files; optional calibration and Grad-CAM overlays")
+    _add_params(predict, dataset=False)
+    predict.add_argument("images", type=Path, nargs="+", metavar="IMAGE", help="image files (any size; centre-cropped)")
+    predict.add_argument("--model", type=Path, required=True, help="a leukofed checkpoint (model.pt)")
+    predict.add_argument("--cam", type=Path, metavar="DIR", help="write <image>_gradcam.png overlays here")
+    predict.add_argument("--temperature-from", type=Path, metavar="CALIBRATION_JSON",
+                         help="calibrate the probabilities with the temperature of a calibration.json")
 
 
 def _run(args: argparse.Namespace) -> str:
@@ -100,6 +139,22 @@ def _run(args: argparse.Namespace) -> str:
         return stages.federate(params, args.dataset or params.dataset, args.run, args.cache, args.partition, args.out_dir)
     if args.command == "report":
         return stages.report(params, args.results, args.out_dir, args.made_by or "leukofed report")
+    return _run_analysis(args, params)
+
+
+def _run_analysis(args: argparse.Namespace, params) -> str:
+    from leukofed import stages
+
+    if args.command == "calibrate":
+        return stages.calibrate(params, args.model, args.cache, args.split, args.out_dir, partition_path=args.partition)
+    if args.command == "explain":
+        return stages.explain(params, args.model, args.cache, args.split, args.out_dir)
+    if args.command == "audit":
+        return stages.audit(params, args.cache, args.split, args.out)
+    if args.command == "compare":
+        return stages.compare(params, args.results, args.out)
+    if args.command == "predict":
+        return stages.predict(params, args.images, args.model, cam_dir=args.cam, temperature_path=args.temperature_from)
     raise AssertionError(f"unhandled command {args.command}")
 
 

@@ -181,7 +181,7 @@ class ReportParams(_Section):
 
 SHARE_TOLERANCE = 1e-6  # how far a class's site shares may sum from 1 (YAML decimals are inexact)
 # Folder names under results/<dataset>/ that a federation run may not take.
-RESERVED_RUN_NAMES = frozenset({"centralized", "partitions", "benchmarks"})
+RESERVED_RUN_NAMES = frozenset({"centralized", "partitions", "benchmarks", "comparison", "audit"})
 
 
 class PartitionParams(_Section):
@@ -276,6 +276,67 @@ class FederationParams(_Section):
         return self
 
 
+CAM_METHODS = ("gradcam", "gradcam++", "xgradcam", "layercam", "eigencam", "scorecam")  # pytorch-grad-cam methods
+CORNERS = ("top-left", "top-right", "bottom-left", "bottom-right")
+
+
+class BootstrapParams(_Section):
+    """Percentile bootstrap confidence intervals of the test metrics."""
+
+    n_resamples: PositiveInt
+    confidence: Fraction  # e.g. 0.95 for 95% intervals
+    seed: int
+
+
+class CamParams(_Section):
+    """Class-activation maps (pytorch-grad-cam) of the test images, and their randomisation check."""
+
+    methods: Annotated[list[Literal[CAM_METHODS]], Field(min_length=1)]
+    panels_per_class: PositiveInt  # most confident correct test images shown per class
+    max_error_panels: Annotated[int, Field(ge=0)]  # misclassified test images shown, most confident first
+    randomisation_seed: int  # initialises the re-initialised model of the randomisation check
+
+    @field_validator("methods")
+    @classmethod
+    def _distinct(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"methods {value} lists a method twice")
+        return value
+
+
+class AuditParams(_Section):
+    """Shortcut audit: what a linear model reaches from trivial image cues."""
+
+    border_width: PositiveInt  # px of the cached image's border band whose colour statistics are features
+    corner: Literal[CORNERS]  # where the scale bar is
+    corner_size: PositiveInt  # px side of the corner patch (of the cached image)
+    corner_grid: PositiveInt  # the patch is block-averaged to corner_grid x corner_grid pixels
+    max_iter: PositiveInt  # iterations of the logistic regression solver
+
+    @model_validator(mode="after")
+    def _grid_divides_patch(self) -> AuditParams:
+        if self.corner_size % self.corner_grid:
+            raise ValueError(f"corner_grid={self.corner_grid} must divide corner_size={self.corner_size} (block averaging)")
+        return self
+
+
+class AnalysisParams(_Section):
+    """Calibration, statistics, Grad-CAM and the shortcut audit of the trained models."""
+
+    ece_bins: Annotated[int, Field(ge=2)]  # equal-width confidence bins (ECE, MCE, reliability, histograms)
+    temperature_bounds: Annotated[list[Annotated[float, Field(gt=0)]], Field(min_length=2, max_length=2)]
+    bootstrap: BootstrapParams
+    cam: CamParams
+    audit: AuditParams
+
+    @field_validator("temperature_bounds")
+    @classmethod
+    def _increasing(cls, value: list[float]) -> list[float]:
+        if not value[0] < 1.0 < value[1]:
+            raise ValueError(f"temperature_bounds {value} must be [low, high] with low < 1 < high (1 = no scaling)")
+        return value
+
+
 class Params(_Section):
     """All of ``params.yaml``."""
 
@@ -291,6 +352,7 @@ class Params(_Section):
     report: ReportParams
     partition: PartitionParams
     federation: FederationParams
+    analysis: AnalysisParams
 
     @model_validator(mode="after")
     def _dataset_is_defined(self) -> Params:

@@ -70,7 +70,7 @@ def train_centralized(params: Params, dataset: str, cache_dir: Path, split_path:
     from leukofed.data.cache import load_cache
     from leukofed.data.split import read_split
     from leukofed.model import build_model, count_parameters
-    from leukofed.tracking import RunTracker, flatten_params
+    from leukofed.tracking import RunTracker, flatten_params, registered_model_name
     from leukofed.training import configure_torch, save_checkpoint, train_model
 
     cache = load_cache(cache_dir)
@@ -119,16 +119,12 @@ def train_centralized(params: Params, dataset: str, cache_dir: Path, split_path:
         run.log_artifact(out_dir / "history.csv")
         run.log_artifact(out_dir / "training.json")
         version = run.log_model(
-            model, name="model", registered_name=_registered_name(params, dataset, CENTRALIZED), alias=params.tracking.model_alias
+            model, name="model", registered_name=registered_model_name(params.tracking, dataset, CENTRALIZED), alias=params.tracking.model_alias
         )
     return (
         f"trained {CENTRALIZED} ({record['n_parameters']} parameters) on {record['n_train']} images in {seconds:.0f} s: "
         f"best val accuracy {record['best_val_accuracy']:.4f} at epoch {result.best_epoch}; registered version {version}"
     )
-
-
-def _registered_name(params: Params, dataset: str, kind: str) -> str:
-    return f"{params.tracking.registered_model_prefix}-{dataset}-{kind}"
 
 
 def _run_tags(dataset: str, provenance: DataProvenance, kind: str) -> dict[str, str]:
@@ -172,13 +168,7 @@ def evaluate(
         split_table = read_split(split_path)
         _check_split_matches(cache, split_table, split_path)
         rows = split_table.loc[split_table["split"] == "test", "row"].to_numpy()
-    if list(meta["classes"]) != list(cache.classes):
-        raise DataError(f"{model_path}: trained on classes {meta['classes']}, but the data have {cache.classes}")
-    if int(meta["image_size"]) != int(cache.meta["image_size"]):
-        raise DataError(
-            f"{model_path}: trained at {meta['image_size']} px but the data are cached at {cache.meta['image_size']} px; "
-            "set data.image_size to the model's size"
-        )
+    _check_model_fits(model_path, meta, cache)
     configure_torch(params.runtime.threads, params.train.seed)
     proba = predict_proba(model, np.asarray(cache.images[rows]), params.train.eval_batch_size)
     model_name = model_path.parent.name
@@ -259,7 +249,7 @@ def federate(params: Params, dataset: str, run_name: str, cache_dir: Path, parti
     )
     from leukofed.io import read_json
     from leukofed.model import build_model, count_parameters
-    from leukofed.tracking import RunTracker, flatten_params
+    from leukofed.tracking import RunTracker, flatten_params, registered_model_name
     from leukofed.training import configure_torch, save_checkpoint
 
     run = _federation_run(params, run_name)
@@ -309,7 +299,7 @@ def federate(params: Params, dataset: str, run_name: str, cache_dir: Path, parti
         for name in ("rounds.csv", "federation.json"):
             tracker.log_artifact(out_dir / name)
         version = tracker.log_model(
-            model, name="model", registered_name=_registered_name(params, dataset, run_name), alias=params.tracking.model_alias
+            model, name="model", registered_name=registered_model_name(params.tracking, dataset, run_name), alias=params.tracking.model_alias
         )
     remove_checkpoint(out_dir / FEDERATION_CHECKPOINT_DIR)
     return (
@@ -371,3 +361,252 @@ def _log_site_runs(tracker, records: list[dict], dataset: str, run_name: str) ->
         with tracker.child(f"{dataset}/{run_name}/site-{site}", tags={"site": str(site)}) as child:
             for record in records:
                 child.log_metrics(record["sites"][site], step=record["round"])
+
+
+# --- Analysis of trained models: calibration, Grad-CAM, statistics, shortcut audit, prediction -----------
+
+PREDICT_CAM_METHOD = "gradcam"  # the overlay `leukofed predict --cam` writes
+
+
+def _load_model_for(model_path: Path, cache):
+    """A checkpoint's model, after checking it was trained on the cache's classes and image size."""
+    from leukofed.training import load_checkpoint
+
+    model, meta = load_checkpoint(model_path)
+    _check_model_fits(model_path, meta, cache)
+    return model
+
+
+def _check_model_fits(model_path: Path, meta: dict, cache) -> None:
+    if list(meta["classes"]) != list(cache.classes):
+        raise DataError(f"{model_path}: trained on classes {meta['classes']}, but the data have {cache.classes}")
+    if int(meta["image_size"]) != int(cache.meta["image_size"]):
+        raise DataError(
+            f"{model_path}: trained at {meta['image_size']} px but the data are cached at {cache.meta['image_size']} px; "
+            "set data.image_size to the model's size"
+        )
+
+
+def _logits(model, images: np.ndarray, batch_size: int) -> np.ndarray:
+    """Raw logits (float64): temperature scaling needs them, not probabilities."""
+    from leukofed.training import predict_logits
+
+    return predict_logits(model, np.asarray(images), batch_size).double().numpy()
+
+
+def _split_rows(split_table: pd.DataFrame, part: str) -> np.ndarray:
+    return split_table.loc[split_table["split"] == part, "row"].to_numpy()
+
+
+def _analysis_inputs(params: Params, model_path: Path, cache_dir: Path, split_path: Path):
+    """The cache, its split table and the model to analyse, checked against each other; torch configured."""
+    from leukofed.data.cache import load_cache
+    from leukofed.data.split import read_split
+    from leukofed.training import configure_torch
+
+    cache = load_cache(cache_dir)
+    split_table = read_split(split_path)
+    _check_split_matches(cache, split_table, split_path)
+    model = _load_model_for(model_path, cache)
+    configure_torch(params.runtime.threads, params.train.seed)
+    return cache, split_table, model
+
+
+def _site_validation_rows(cache, partition_path: Path) -> dict[int, np.ndarray]:
+    """Each site's local validation rows (cache rows) from a partition of this cache."""
+    from leukofed.data.partition import read_partition
+
+    table = read_partition(partition_path)
+    rows = table["row"].to_numpy()
+    if rows.max(initial=-1) >= len(cache.index) or not (cache.index["relpath"].to_numpy()[rows] == table["relpath"].to_numpy()).all():
+        raise DataError(f"{partition_path}: does not match the cache it is used with; rerun the partition stage")
+    validation = table[table["part"] == "val"]
+    return {int(site): part["row"].to_numpy() for site, part in validation.groupby("site")}
+
+
+def calibrate(params: Params, model_path: Path, cache_dir: Path, split_path: Path, out_dir: Path,
+              partition_path: Path | None = None) -> str:
+    """Calibration of a model on the test split, before and after temperature scaling.
+
+    The temperature is fitted on the global validation split, or, with ``partition_path`` (a federated
+    model), at each site on its local validation part and combined by the server without pooling data
+    (see :mod:`leukofed.evaluation.calibration`).
+    """
+    from leukofed.evaluation.calibration import federated_temperature, temperature_record, write_calibration
+
+    cache, split_table, model = _analysis_inputs(params, model_path, cache_dir, split_path)
+    labels = cache.index["label_index"].to_numpy()
+    batch, bounds = params.train.eval_batch_size, params.analysis.temperature_bounds
+    if partition_path is None:
+        rows = _split_rows(split_table, "val")
+        fit = {"scheme": "global validation split",
+               **temperature_record(_logits(model, cache.images[rows], batch), labels[rows], bounds)}
+    else:
+        site_rows = _site_validation_rows(cache, partition_path)
+        site_logits = {site: (_logits(model, cache.images[rows], batch), labels[rows]) for site, rows in site_rows.items()}
+        fit = {"scheme": "site-wise: each site's local validation part, server takes the weighted mean of log T",
+               "partition": str(partition_path), **federated_temperature(site_logits, bounds)}
+    test_rows = _split_rows(split_table, "test")
+    name = Path(model_path).parent.name
+    record = write_calibration(
+        out_dir, labels[test_rows], _logits(model, cache.images[test_rows], batch), fit, cache.classes,
+        params.analysis.ece_bins, cache.provenance, {"name": name, "path": str(model_path)},
+    )
+    return (
+        f"calibrated {name} on {record['n_test']} test images: ECE {record['overall']['ece']:.4f} -> "
+        f"{record['after_scaling']['ece']:.4f}, NLL {record['overall']['nll']:.4f} -> {record['after_scaling']['nll']:.4f} "
+        f"at T = {record['temperature']:.3f} ({fit['scheme'].split(':')[0]})"
+    )
+
+
+def explain(params: Params, model_path: Path, cache_dir: Path, split_path: Path, out_dir: Path) -> str:
+    """Class-activation-map panels of a model's test images and the randomisation check (cam.json)."""
+    from leukofed.evaluation.explain import explain_model
+    from leukofed.training import predict_proba
+
+    cache, split_table, model = _analysis_inputs(params, model_path, cache_dir, split_path)
+    rows = _split_rows(split_table, "test")
+    images = np.asarray(cache.images[rows])
+    batch = params.train.eval_batch_size
+    name = Path(model_path).parent.name
+    record = explain_model(
+        model, images, cache.index["label_index"].to_numpy()[rows], predict_proba(model, images, batch),
+        cache.index["relpath"].to_numpy()[rows].tolist(), cache.classes, params.analysis.cam, out_dir,
+        cache.provenance, {"name": name, "path": str(model_path)}, batch,
+    )
+    similarity = ", ".join(f"{method} {'n/a' if value is None else f'{value:.2f}'}"
+                           for method, value in record["randomisation_similarity"].items())
+    return (
+        f"explained {name}: {len(record['panels'])} panel grids in {out_dir} ({record['n_errors']} misclassified test "
+        f"images); map similarity to a re-initialised model: {similarity}"
+    )
+
+
+def audit(params: Params, cache_dir: Path, split_path: Path, out_path: Path) -> str:
+    """Shortcut audit: linear models on border colour and on a corner patch, train split -> test split."""
+    from leukofed.data.cache import load_cache
+    from leukofed.data.split import read_split
+    from leukofed.evaluation.audit import shortcut_audit
+
+    cache = load_cache(cache_dir)
+    split_table = read_split(split_path)
+    _check_split_matches(cache, split_table, split_path)
+    result = shortcut_audit(cache.images, cache.index["label_index"].to_numpy(), _split_rows(split_table, "train"),
+                            _split_rows(split_table, "test"), params.analysis.audit)
+    write_json(out_path, {**result, "params": params.analysis.audit.model_dump(), "data": cache.provenance.to_dict()})
+    return (
+        f"shortcut audit on {result['n_test']} test images: border colour accuracy {result['border_colour']['accuracy']:.4f}, "
+        f"corner patch {result['corner_patch']['accuracy']:.4f}, majority class {result['majority_class']['accuracy']:.4f}"
+    )
+
+
+def _read_predictions(results_dir: Path, model: str, classes: list[str]) -> tuple[pd.DataFrame, dict]:
+    """A model's test predictions (relpath, actual and predicted class indices) and its data provenance."""
+    from leukofed.evaluation.metrics import METRICS_FILE, PREDICTIONS_FILE
+    from leukofed.io import read_json
+
+    folder = Path(results_dir) / model / "eval"
+    paths = [folder / PREDICTIONS_FILE, folder / METRICS_FILE]
+    missing = [str(path) for path in paths if not path.is_file()]
+    if missing:
+        raise DataError(f"{', '.join(missing)}: not found; run the evaluate stage for model '{model}' first")
+    table = pd.read_csv(paths[0], keep_default_na=False, dtype={"relpath": str, "actual": str, "predicted": str})
+    unknown = sorted((set(table["actual"]) | set(table["predicted"])) - set(classes))
+    if unknown:
+        raise DataError(f"{paths[0]}: classes {unknown} are not in data.classes {classes}; re-evaluate the model")
+    index = {name: label for label, name in enumerate(classes)}
+    return table.assign(actual=table["actual"].map(index), predicted=table["predicted"].map(index)), read_json(paths[1])["data"]
+
+
+def compare(params: Params, results_dir: Path, out_path: Path) -> str:
+    """Bootstrap CIs of every model's test metrics and McNemar's test of the centralized model against each other one."""
+    from leukofed.evaluation.statistics import compare_models
+
+    models = [CENTRALIZED, *params.federation.runs]
+    tables, data = {}, {}
+    for model in models:
+        tables[model], data[model] = _read_predictions(results_dir, model, params.data.classes)
+    test_images = tables[CENTRALIZED][["relpath", "actual"]]
+    for model, table in tables.items():
+        if data[model]["fingerprint"] != data[CENTRALIZED]["fingerprint"] or not table[["relpath", "actual"]].equals(test_images):
+            raise DataError(
+                f"{Path(results_dir) / model / 'eval'}: evaluated on other test images than {CENTRALIZED}; "
+                "rerun the evaluate stage of every model on the same split"
+            )
+    result = compare_models({model: table["predicted"].to_numpy() for model, table in tables.items()},
+                            tables[CENTRALIZED]["actual"].to_numpy(), CENTRALIZED, len(params.data.classes),
+                            params.analysis.bootstrap)
+    write_json(out_path, {**result, "data": data[CENTRALIZED]})
+    accuracies = ", ".join(f"{model} {entry['accuracy']['estimate']:.4f} [{entry['accuracy']['low']:.4f}, "
+                           f"{entry['accuracy']['high']:.4f}]" for model, entry in result["models"].items())
+    return f"compared {len(models)} models on {result['n_test']} test images: accuracy {accuracies}"
+
+
+def _read_temperature(path: Path) -> float:
+    from leukofed.io import read_json
+
+    try:
+        temperature = read_json(path)["temperature"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise DataError(f"{path}: not a readable calibration.json ({error!r}); pass the calibrate stage's calibration.json") from None
+    if not isinstance(temperature, int | float) or not temperature > 0:
+        raise DataError(f"{path}: 'temperature' must be a positive number, got {temperature!r}; rerun the calibrate stage")
+    return float(temperature)
+
+
+def _decode_for_model(paths: list[Path], max_pixels: int, size: int) -> np.ndarray:
+    """Decode and square-resize every image like the cache does; refuse all unreadable ones at once."""
+    from leukofed.data.cache import square_resize
+    from leukofed.data.validate import InvalidImage, decode_rgb
+
+    images, problems = [], []
+    for path in paths:
+        try:
+            images.append(square_resize(decode_rgb(path, max_pixels)[0], size))
+        except InvalidImage as error:  # also a missing file or a folder
+            problems.append(f"{path}: {error.reason}")
+    if problems:
+        raise DataError("cannot use these images:\n  " + "\n  ".join(problems))
+    return np.stack(images)
+
+
+def predict(params: Params, image_paths: list[Path], model_path: Path, cam_dir: Path | None = None,
+            temperature_path: Path | None = None) -> str:
+    """Classify image files with a checkpoint; optionally calibrate the probabilities and write Grad-CAM overlays."""
+    from leukofed.evaluation.calibration import probabilities
+    from leukofed.training import configure_torch, load_checkpoint
+
+    image_paths = [Path(path) for path in image_paths]
+    stems = pd.Series([path.stem for path in image_paths])
+    if cam_dir is not None and stems.duplicated().any():
+        raise DataError(f"images {sorted(set(stems[stems.duplicated()]))} share a file name: their overlays would "
+                        f"overwrite each other in {cam_dir}; predict them in separate calls")
+    model, meta = load_checkpoint(model_path)
+    temperature = 1.0 if temperature_path is None else _read_temperature(temperature_path)
+    images = _decode_for_model(image_paths, params.data.max_image_pixels, int(meta["image_size"]))
+    configure_torch(params.runtime.threads, params.train.seed)
+    proba = probabilities(_logits(model, images, params.train.eval_batch_size), temperature)
+    classes = list(meta["classes"])
+    if cam_dir is not None:
+        _write_overlays(model, images, proba.argmax(axis=1), image_paths, Path(cam_dir), params.train.eval_batch_size)
+    how = f"calibrated with T = {temperature:.3f} from {temperature_path}" if temperature_path else "uncalibrated softmax"
+    lines = [f"probabilities ({how}): " + ", ".join(classes)]
+    for path, row in zip(image_paths, proba, strict=True):
+        scores = " ".join(f"{name}={p:.4f}" for name, p in zip(classes, row, strict=True))
+        lines.append(f"{path}: {classes[int(row.argmax())]}  {scores}")
+    if cam_dir is not None:
+        lines.append(f"{PREDICT_CAM_METHOD} overlays written to {cam_dir}")
+    return "\n".join(lines)
+
+
+def _write_overlays(model, images: np.ndarray, predicted: np.ndarray, paths: list[Path], cam_dir: Path, batch_size: int) -> None:
+    """One ``<image stem>_gradcam.png`` per image: the map of its predicted class over the model's input."""
+    from PIL import Image
+
+    from leukofed.evaluation.explain import compute_cams, overlay
+    from leukofed.io import atomic_path
+
+    cams = compute_cams(model, images, predicted, PREDICT_CAM_METHOD, batch_size)
+    for path, image, cam in zip(paths, images, cams, strict=True):
+        with atomic_path(cam_dir / f"{path.stem}_{PREDICT_CAM_METHOD}.png", suffix=".png") as tmp:
+            Image.fromarray(overlay(image, cam)).save(tmp, format="PNG")

@@ -233,7 +233,7 @@ def _train_epoch(
     return loss_sum.item() / len(targets), correct.item() / len(targets)
 
 
-def _predict_logits(model: nn.Module, images: np.ndarray, batch_size: int) -> torch.Tensor:
+def predict_logits(model: nn.Module, images: np.ndarray, batch_size: int) -> torch.Tensor:
     """Logits for all images, in eval mode without gradients; restores the model's mode."""
     was_training = model.training
     model.eval()
@@ -247,7 +247,7 @@ def _predict_logits(model: nn.Module, images: np.ndarray, batch_size: int) -> to
 
 def _evaluate(model: nn.Module, images: np.ndarray, labels: np.ndarray, batch_size: int) -> tuple[float, float]:
     """(cross-entropy, accuracy) on held-out data; the loss is unsmoothed so it stays comparable."""
-    logits = _predict_logits(model, images, batch_size)
+    logits = predict_logits(model, images, batch_size)
     targets = torch.as_tensor(labels, dtype=torch.long)
     return F.cross_entropy(logits, targets).item(), (logits.argmax(dim=1) == targets).double().mean().item()
 
@@ -381,7 +381,7 @@ def train_model(
 
 def predict_proba(model: nn.Module, images: np.ndarray, batch_size: int) -> np.ndarray:
     """Class probabilities ``(N, n_classes)`` (softmax) for uint8 images ``(N, H, W, 3)``, in eval mode."""
-    return torch.softmax(_predict_logits(model, images, batch_size), dim=1).numpy()
+    return torch.softmax(predict_logits(model, images, batch_size), dim=1).numpy()
 
 
 def _check_plain(value: object, where: str) -> None:

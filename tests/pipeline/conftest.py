@@ -29,6 +29,8 @@ def tiny_params() -> dict:
     for run in params["federation"]["runs"].values():
         run["rounds"] = 2
     params["runtime"]["progress"] = False
+    params["analysis"]["bootstrap"]["n_resamples"] = 200
+    params["analysis"]["cam"].update(panels_per_class=1, max_error_panels=2)
     return params
 
 

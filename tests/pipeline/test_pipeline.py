@@ -27,6 +27,7 @@ def test_snakemake_builds_reruns_only_what_changed(project):
     assert metrics["data"]["fingerprint"] == summary["data"]["fingerprint"]
     assert (project / "results/synthetic/benchmarks/train_centralized.tsv").is_file()
     assert (project / "mlflow.db").is_file()
+    _check_analysis(project / "results/synthetic", summary["data"]["fingerprint"])
 
     assert "Nothing to be done" in run([*SNAKEMAKE, "-n"], project).stdout
 
@@ -38,6 +39,27 @@ def test_snakemake_builds_reruns_only_what_changed(project):
         assert f"rule {rule}:" in planned
     for rule in ("acquire", "preprocess", "split"):
         assert f"rule {rule}:" not in planned
+
+
+def _check_analysis(results, fingerprint: str) -> None:
+    """Calibration and Grad-CAM of every model, statistics and the shortcut audit, in their documented formats."""
+    models = ["centralized", *yaml.safe_load((results.parents[1] / "params.yaml").read_text())["federation"]["runs"]]
+    for model in models:
+        calibration = json.loads((results / model / "calibration/calibration.json").read_text())
+        assert set(calibration["overall"]) == {"ece", "mce", "brier", "nll"} and calibration["temperature"] > 0
+        assert calibration["temperature_fit"]["scheme"].startswith("site-wise" if model != "centralized" else "global")
+        cam = json.loads((results / model / "cam/cam.json").read_text())
+        assert set(cam["randomisation_similarity"]) == set(cam["methods"])
+        for panel in cam["panels"]:
+            assert (results / model / "cam" / panel["file"]).is_file()
+        for record in (calibration, cam):
+            assert record["data"]["fingerprint"] == fingerprint
+    statistics = json.loads((results / "comparison/statistics.json").read_text())
+    assert set(statistics["models"]) == set(models) and set(statistics["mcnemar"]) == set(models) - {"centralized"}
+    audit = json.loads((results / "audit/shortcut.json").read_text())
+    assert 0.0 <= audit["border_colour"]["accuracy"] <= 1.0 and 0.0 <= audit["corner_patch"]["accuracy"] <= 1.0
+    for record in (statistics, audit):
+        assert record["data"]["fingerprint"] == fingerprint
 
 
 def test_dvc_repro_reruns_training_not_data(project):

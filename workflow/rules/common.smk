@@ -30,6 +30,12 @@ def dataset_spec(wildcards):
 
 
 def final_targets(dataset):
-    """What `rule all` builds for one dataset: the report, everything it summarises, every partition."""
+    """What `rule all` builds for one dataset: the report, everything it summarises, every partition, the analyses."""
     partitions = [f"results/{dataset}/partitions/sites-{n}/heterogeneity.json" for n in config["partition"]["sites"]]
-    return [f"reports/{dataset}/summary.json", f"reports/{dataset}/README.md", *partitions]
+    return [f"reports/{dataset}/summary.json", f"reports/{dataset}/README.md", *partitions, *analysis_targets(dataset)]
+
+
+def analysis_targets(dataset):
+    """Calibration and Grad-CAM of every model, the statistics between models and the shortcut audit."""
+    per_model = [f"results/{dataset}/{model}/{kind}" for model in MODELS for kind in ("calibration/calibration.json", "cam/cam.json")]
+    return [*per_model, f"results/{dataset}/comparison/statistics.json", f"results/{dataset}/audit/shortcut.json"]
