@@ -1,4 +1,4 @@
-"""Tests of leukofed.report on results trees made by the real evaluate-stage writer."""
+"""Tests of leukofed.report on results trees made by the real evaluate, partition and federate writers."""
 
 from __future__ import annotations
 
@@ -7,18 +7,45 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
+from leukofed.config import load_params
+from leukofed.data.partition import HETEROGENEITY_FILE, HETEROGENEITY_PNG_FILE, partition_pool, write_partition
 from leukofed.errors import LeukofedError
 from leukofed.evaluation.metrics import write_evaluation
+from leukofed.federation.engine import (
+    SiteData,
+    centralized_equivalent_seconds,
+    round_table,
+    run_federation,
+    summarize,
+)
+from leukofed.io import read_json, write_json, write_text
+from leukofed.model import build_model
 from leukofed.provenance import DataProvenance
-from leukofed.report import build_report
+from leukofed.report import CURVES_PNG_FILE, build_report
+from leukofed.training import configure_torch
 
 CLASSES = ["Benign", "Early", "Pre", "Pro"]
 MODELS = ["centralized", "fedavg-3"]
 PAPER = {"fedavg-3": 0.9570, "fedavg-5": 0.9656}
 COMMAND = "snakemake --cores 2 --config dataset=toy"
 FINGERPRINT = "cd" * 32
+
+PARAMS = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
+# Tiny federated runs: 16 px images, a 4-channel model, 3 rounds of 1 local epoch.
+IMAGE_SIZE = 16
+TRAIN = PARAMS.train.model_copy(update={"batch_size": 8})
+MODEL = PARAMS.model.model_copy(update={"width": 4})
+FEDERATION = PARAMS.federation.model_copy(update={"local_epochs": 1})
+ROUNDS = 3
+FEDERATED_RUNS = {"fedavg-3": ("fedavg", 3), "fedprox-5": ("fedprox", 5)}  # name -> strategy, sites
+# Site 2 of the 3-site partition receives no Pro images: the report must show a missing class.
+PROPORTIONS_3 = {"Benign": [0.6, 0.2, 0.2], "Early": [0.2, 0.6, 0.2], "Pre": [0.2, 0.5, 0.3], "Pro": [0.5, 0.0, 0.5]}
+IMAGES_PER_CLASS = 30
+THREADS = 1  # tiny models: one thread is as fast, and immune to spin-waiting when the CPU is shared
+CENTRALIZED_BEST_VAL = 0.875
 
 
 @pytest.fixture(scope="module")
@@ -143,3 +170,176 @@ def test_recall_of_a_class_absent_from_the_evaluation_shows_a_dash(tmp_path, eva
     pro_recall = comparison_row.strip("| ").split(" | ")[7]  # model, 3 scores, Benign..Pro recall
     assert pro_recall == "—"
     assert "| Pro | 100.00% | — | " in readme
+
+
+# --- federated results ---------------------------------------------------------------------------
+
+
+def _split_table() -> pd.DataFrame:
+    """Singleton groups, every class split 2:1 into the global train and val parts (no test: not partitioned)."""
+    labels = np.repeat(CLASSES, IMAGES_PER_CLASS)
+    return pd.DataFrame({
+        "row": np.arange(len(labels)),
+        "relpath": [f"img{i}.jpg" for i in range(len(labels))],
+        "label": labels,
+        "group": np.arange(len(labels)),
+        "split": np.where(np.arange(len(labels)) % 3 == 2, "val", "train"),
+    })
+
+
+def _sites(partition: pd.DataFrame, rng: np.random.Generator) -> list[SiteData]:
+    """Each site's local parts as the federate stage builds them, with noisy images coloured by class."""
+    colours = np.array([[200, 40, 40], [40, 200, 40], [40, 40, 200], [200, 200, 40]])
+
+    def part(site: int, name: str) -> tuple[np.ndarray, np.ndarray]:
+        chosen = (partition["site"] == site) & (partition["part"] == name)
+        labels = np.array([CLASSES.index(label) for label in partition.loc[chosen, "label"]])
+        noise = rng.integers(-60, 61, (len(labels), IMAGE_SIZE, IMAGE_SIZE, 3))
+        return np.clip(colours[labels][:, None, None, :] + noise, 0, 255).astype(np.uint8), labels
+
+    return [SiteData(site, *part(site, "train"), *part(site, "val")) for site in sorted(set(partition["site"]))]
+
+
+def _federate(out_dir: Path, name: str, partition: pd.DataFrame, provenance: DataProvenance, heterogeneity: dict) -> None:
+    """Run the engine and write rounds.csv and federation.json as the federate stage does."""
+    strategy, n_sites = FEDERATED_RUNS[name]
+    run = PARAMS.federation.runs["fedavg-3"].model_copy(update={"strategy": strategy, "sites": n_sites, "rounds": ROUNDS})
+    sites = _sites(partition, np.random.default_rng(n_sites))
+    configure_torch(THREADS, seed=0)
+    model = build_model(MODEL, len(CLASSES))
+    initial = build_model(MODEL, len(CLASSES))
+    initial.load_state_dict(model.state_dict())
+    result = run_federation(model, sites, run, FEDERATION, TRAIN, checkpoint_dir=out_dir / "checkpoint", data_key=name)
+    summary = summarize(result, sites)
+    centralized = centralized_equivalent_seconds(initial, sites, TRAIN, FEDERATION.local_epochs)
+    summary["timing"] |= {"centralized_equivalent": centralized,
+                          "round_to_centralized": summary["timing"]["round_median"] / centralized}
+    settings = {"run": run.model_dump(), "federation": FEDERATION.model_dump(exclude={"runs"}),
+                "model": MODEL.model_dump(), "train": TRAIN.model_dump()}
+    record = {"model": name, "data": provenance.to_dict(), **summary, "heterogeneity": heterogeneity["summary"],
+              "resumed_from_round": result.resumed_from, "params": settings}
+    write_text(out_dir / "rounds.csv", round_table(result.records).to_csv(index=False))
+    write_json(out_dir / "federation.json", record)
+
+
+@pytest.fixture(scope="module")
+def federated_results(tmp_path_factory, evaluations) -> Path:
+    """results/<dataset>/ as the pipeline leaves it: centralized, fedavg-3 and fedprox-5, with partitions.
+
+    The evaluation of every model is the same toy one; partitions and federated runs come from the
+    real partition writer and engine.
+    """
+    results = tmp_path_factory.mktemp("federated") / "results" / "toy"
+    provenance = DataProvenance("toy", "folder", "/data/toy", FINGERPRINT, 400)
+    for name in ["centralized", *FEDERATED_RUNS]:
+        shutil.copytree(evaluations["folder"], results / name / "eval")
+    write_json(results / "centralized" / "training.json",
+               {"model": "centralized", "data": provenance.to_dict(), "best_val_accuracy": CENTRALIZED_BEST_VAL})
+    partition_params = PARAMS.partition.model_copy(
+        update={"proportions": {**PARAMS.partition.proportions, "3": PROPORTIONS_3}}
+    )
+    for name, (_, n_sites) in FEDERATED_RUNS.items():
+        partition = partition_pool(_split_table(), CLASSES, partition_params, n_sites)
+        stats = write_partition(partition, results / "partitions" / f"sites-{n_sites}", CLASSES, provenance, partition_params)
+        _federate(results / name, name, partition, provenance, stats)
+    return results
+
+
+def _copy(results: Path, tmp_path: Path) -> Path:
+    copied = tmp_path / "results" / "toy"
+    shutil.copytree(results, copied)
+    return copied
+
+
+def test_federated_models_gain_federation_heterogeneity_and_fairness(tmp_path, federated_results):
+    summary = build_report(federated_results, tmp_path / "reports", paper_accuracy=PAPER, command=COMMAND)
+
+    assert list(summary["models"]) == ["centralized", *FEDERATED_RUNS]
+    assert "federation" not in summary["models"]["centralized"]
+    for name, (strategy, n_sites) in FEDERATED_RUNS.items():
+        model = summary["models"][name]
+        record = read_json(federated_results / name / "federation.json")
+        partition = read_json(federated_results / "partitions" / f"sites-{n_sites}" / HETEROGENEITY_FILE)
+        federation = model["federation"]
+        assert {key: federation[key] for key in ("sites", "strategy", "rounds", "local_epochs", "best_round")} == {
+            "sites": n_sites, "strategy": strategy, "rounds": ROUNDS, "local_epochs": 1, "best_round": record["best_round"]}
+        assert (federation["bytes_sent"], federation["bytes_received"]) == (record["bytes"]["sent"], record["bytes"]["received"])
+        assert federation["wall_seconds"] == pytest.approx(pd.read_csv(federated_results / name / "rounds.csv")["seconds"].sum())
+        heterogeneity = model["heterogeneity"]
+        assert heterogeneity["partition"] == f"sites-{n_sites}"
+        assert heterogeneity["quantity_cv"] == partition["summary"]["size_cv"]
+        assert [site["counts"] for site in heterogeneity["sites"].values()] == [site["counts"] for site in partition["sites"]]
+        for key in ("js_divergence", "hellinger", "emd"):
+            assert [site[key] for site in heterogeneity["sites"].values()] == [site[key] for site in partition["sites"]]
+        fairness = model["fairness"]
+        assert fairness["per_site"] == {site: entry["val_accuracy_best"] for site, entry in record["sites"].items()}
+        assert len(fairness["per_site"]) == n_sites
+        best = record["fairness"]["best"]
+        assert (fairness["mean"], fairness["std"], fairness["cv"], fairness["min_max_gap"], fairness["jain_index"]) == (
+            best["mean"], best["std"], best["cv"], best["gap"], best["jain"])
+    assert summary["models"]["fedavg-3"]["paper_accuracy"] == PAPER["fedavg-3"]
+    assert "paper_accuracy" not in summary["models"]["fedprox-5"]  # the paper reports no FedProx
+    assert summary["models"]["fedavg-3"]["heterogeneity"]["sites"]["2"]["missing_classes"] == ["Pro"]
+
+
+def test_readme_shows_the_federated_sections_in_order(tmp_path, federated_results):
+    out = tmp_path / "reports"
+    build_report(federated_results, out, paper_accuracy=PAPER, command=COMMAND)
+
+    readme = (out / "README.md").read_text()
+    headings = ["## Comparison", "## Heterogeneity of the site partitions", "## Validation accuracy per round",
+                "## Fairness across sites", "## Communication and cost", "## centralized", "## fedavg-3", "## fedprox-5",
+                "## Reproducibility"]
+    positions = [readme.index(heading) for heading in headings]
+    assert positions == sorted(positions)
+    comparison = readme[:readme.index("## Heterogeneity")]
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in comparison.splitlines() if line.startswith("| ")}
+    assert rows["fedavg-3"].endswith("| +0.00 | 95.70% |")  # same toy evaluation as centralized: no gap
+    assert rows["centralized"].endswith("| — | — |")
+    for n_sites in (3, 5):
+        copied = out / f"heterogeneity_sites-{n_sites}.png"
+        assert f"]({copied.name})" in readme
+        assert copied.read_bytes() == (federated_results / "partitions" / f"sites-{n_sites}" / HETEROGENEITY_PNG_FILE).read_bytes()
+    assert "**Site 2 has no Pro images.**" in readme
+    assert f"]({CURVES_PNG_FILE})" in readme and (out / CURVES_PNG_FILE).read_bytes().startswith(b"\x89PNG")
+    assert "centralized: best validation accuracy" not in readme  # the reference line lives in the figure
+    fairness = readme[readme.index("## Fairness"):readme.index("## Communication")]
+    assert "| Site 5 |" in fairness and "| Jain index |" in fairness
+    communication = readme[readme.index("## Communication"):readme.index("## centralized")]
+    for name in FEDERATED_RUNS:
+        assert f"| {name} |" in fairness and f"| {name} |" in communication
+    assert " B |" in communication and "| Total (MB) |" in communication
+
+
+def test_report_is_deterministic(tmp_path, federated_results):
+    first, second = tmp_path / "first", tmp_path / "second"
+    build_report(federated_results, first, paper_accuracy=PAPER, command=COMMAND)
+    build_report(federated_results, second, paper_accuracy=PAPER, command=COMMAND)
+
+    names = sorted(path.name for path in first.iterdir())
+    assert names == sorted(path.name for path in second.iterdir())
+    assert not [name for name in names if name.startswith(".")], "a temporary file was left behind"
+    for name in names:
+        assert (first / name).read_bytes() == (second / name).read_bytes(), name
+
+
+def test_missing_partition_names_the_file_and_the_stage(tmp_path, federated_results):
+    results = _copy(federated_results, tmp_path)
+    missing = results / "partitions" / "sites-5" / HETEROGENEITY_FILE
+    missing.unlink()
+
+    with pytest.raises(LeukofedError, match="partition stage") as error:
+        build_report(results, tmp_path / "reports", paper_accuracy=PAPER, command=COMMAND)
+    assert str(missing) in str(error.value)
+
+
+def test_federated_run_on_other_data_is_refused(tmp_path, federated_results):
+    results = _copy(federated_results, tmp_path)
+    record_path = results / "fedavg-3" / "federation.json"
+    record = read_json(record_path)
+    record["data"]["fingerprint"] = "ef" * 32
+    write_json(record_path, record)
+
+    with pytest.raises(LeukofedError, match="federate") as error:
+        build_report(results, tmp_path / "reports", paper_accuracy=PAPER, command=COMMAND)
+    assert str(record_path) in str(error.value)

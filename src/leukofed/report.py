@@ -1,16 +1,31 @@
-"""The results report: ``README.md``, ``summary.json`` and confusion-matrix figures for every evaluated model.
+"""The results report: ``README.md``, ``summary.json`` and figures for every evaluated model.
 
-The report reads only what the evaluate stage wrote (``<results_dir>/<model>/eval/``), so it shows
-exactly the numbers DVC tracks and is cheap to rebuild. It refuses to put models evaluated on
-different data side by side, and says loudly when the data is synthetic.
+The report reads only what the pipeline stages wrote, so it shows exactly the numbers DVC tracks
+and is cheap to rebuild:
+
+- every model: ``<results_dir>/<model>/eval/`` (evaluate stage);
+- every federated model (a folder with ``federation.json``): its ``federation.json`` and
+  ``rounds.csv`` (federate stage) and the ``heterogeneity.json`` / ``.png`` of the partition it
+  trained on, ``<results_dir>/partitions/sites-<n>/`` (partition stage);
+- the centralized model's ``training.json``, for its best validation accuracy as the reference
+  line of the per-round curves (optional).
+
+It refuses to put models evaluated on different data side by side, and says loudly when the data
+is synthetic.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
+import textwrap
+from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
+
+from leukofed.data.partition import HETEROGENEITY_FILE, HETEROGENEITY_PNG_FILE
 from leukofed.errors import LeukofedError
 from leukofed.evaluation.metrics import CONFUSION_PNG_FILE, METRICS_FILE
 from leukofed.io import atomic_path, read_json, write_json, write_text
@@ -19,6 +34,12 @@ from leukofed.provenance import DataProvenance
 EVAL_DIR = "eval"
 SUMMARY_FILE = "summary.json"
 README_FILE = "README.md"
+CENTRALIZED = "centralized"
+TRAINING_FILE = "training.json"  # the centralized training record
+FEDERATION_FILE = "federation.json"
+ROUNDS_FILE = "rounds.csv"
+PARTITIONS_DIR = "partitions"
+CURVES_PNG_FILE = "validation_accuracy_per_round.png"
 
 DATASET_CITATION = (
     "Aria M, Ghaderzadeh M, Bashash D, et al. Acute Lymphoblastic Leukemia (ALL) image dataset. "
@@ -32,10 +53,31 @@ SYNTHETIC_BANNER = (
     "> comparable with the paper."
 )
 MISSING = "—"
+STRATEGY_NAMES = {"fedavg": "FedAvg", "fedprox": "FedProx", "fedavgm": "FedAvgM", "fedadam": "FedAdam"}
+BYTES_PER_MB = 10**6
+SECONDS_PER_MINUTE = 60
 
 _REQUIRED_KEYS = ("n", "accuracy", "balanced_accuracy", "macro_f1", "per_class", "data")
+_FEDERATION_KEYS = ("rounds", "best_round", "best", "fairness", "bytes", "sites", "timing", "params", "data")
+_ROUNDS_COLUMNS = ("round", "val_accuracy", "seconds")
+_HETEROGENEITY_KEYS = ("n_sites", "scheme", "pooled", "sites", "summary", "data")
+_HETEROGENEITY_SITE_KEYS = ("n", "n_train", "n_val", "counts", "missing_classes", "js_divergence", "hellinger", "emd")
+_DIVERGENCES = ("js_divergence", "hellinger", "emd")
 _CLASS_SCORES = ("precision", "recall", "f1", "support")
 _MODEL_DATA_KEYS = ("source", "fingerprint", "n_images")
+_TITLE_CHARS_PER_INCH = 10  # wrap figure titles at about this many characters per inch of width
+_CURVE_MARKERS = ("o", "s", "^", "D", "v", "P")  # a marker per run: overlapping curves stay distinguishable
+
+
+@dataclass(frozen=True)
+class _FederatedRun:
+    """What the federate and partition stages wrote for one federated model."""
+
+    record: dict  # federation.json
+    rounds: pd.DataFrame  # rounds.csv
+    partition: dict  # heterogeneity.json of the partition it trained on
+    partition_name: str  # sites-<n>
+    partition_figure: Path  # heterogeneity.png of that partition
 
 
 def build_report(results_dir: Path, out_dir: Path, *, paper_accuracy: dict[str, float], command: str) -> dict:
@@ -45,9 +87,13 @@ def build_report(results_dir: Path, out_dir: Path, *, paper_accuracy: dict[str, 
     ----------
     results_dir : Path
         Holds one folder per model, each with ``eval/metrics.json`` and ``eval/confusion_matrix.png``
-        from the evaluate stage (e.g. ``results/<dataset>/centralized/eval/``).
+        from the evaluate stage (e.g. ``results/<dataset>/centralized/eval/``). A federated model's
+        folder also holds ``federation.json`` and ``rounds.csv``, and its partition lives in
+        ``partitions/sites-<n>/`` (``heterogeneity.json``, ``heterogeneity.png``).
     out_dir : Path
-        Receives ``summary.json``, ``README.md`` and ``confusion_matrix_<model>.png`` per model.
+        Receives ``summary.json``, ``README.md``, ``confusion_matrix_<model>.png`` per model and, when
+        there are federated models, ``heterogeneity_sites-<n>.png`` per partition and
+        ``validation_accuracy_per_round.png``.
     paper_accuracy : dict of str to float
         Published test accuracy by model name (``report.paper_accuracy``), shown beside ours.
     command : str
@@ -58,32 +104,40 @@ def build_report(results_dir: Path, out_dir: Path, *, paper_accuracy: dict[str, 
     dict
         The content of ``summary.json``: ``dataset``, ``data`` (``source``, ``fingerprint``,
         ``n_images``, ``synthetic``), ``models`` (name -> ``accuracy``, ``balanced_accuracy``,
-        ``macro_f1``, ``per_class``, ``params``, ``data``, ``command``) and ``paper``.
+        ``macro_f1``, ``per_class``, ``params``, ``data``, ``command``; a federated model also
+        ``federation``, ``heterogeneity``, ``fairness`` and, where the paper has one,
+        ``paper_accuracy``) and ``paper``.
 
     Raises
     ------
     LeukofedError
-        If no model has been evaluated, a ``metrics.json`` or figure is missing or malformed, or the
-        models were evaluated on different data (their fingerprints differ).
+        If no model has been evaluated, a stage output the report reads is missing or malformed, or
+        the models were trained or evaluated on different data (their fingerprints differ).
     """
     results_dir, out_dir = Path(results_dir), Path(out_dir)
     evaluations = _load_evaluations(results_dir)
     provenance = _common_provenance(results_dir, evaluations)
+    federated = _load_federated_runs(results_dir, list(evaluations), provenance.fingerprint)
+    models = {name: _model_summary(metrics, command) for name, metrics in evaluations.items()}
+    for name, run in federated.items():
+        models[name] |= _federated_summary(run, paper_accuracy.get(name))
     summary = {
         "dataset": provenance.dataset,
         "data": {key: getattr(provenance, key) for key in _MODEL_DATA_KEYS} | {"synthetic": provenance.is_synthetic},
-        "models": {name: _model_summary(metrics, command) for name, metrics in evaluations.items()},
+        "models": models,
         "paper": dict(paper_accuracy),
     }
-    figures = {name: _copy_figure(results_dir, out_dir, name) for name in evaluations}
+    figures = {name: _copy_confusion_figure(results_dir, out_dir, name) for name in evaluations}
+    if federated:
+        figures |= _federation_figures(results_dir, out_dir, federated, provenance)
     write_json(out_dir / SUMMARY_FILE, summary)
-    write_text(out_dir / README_FILE, _readme(summary, evaluations, provenance, figures, command))
+    write_text(out_dir / README_FILE, _readme(summary, evaluations, federated, provenance, figures, command))
     return summary
 
 
 def _load_evaluations(results_dir: Path) -> dict[str, dict]:
-    """Model name -> its ``metrics.json``, for every ``<model>/eval/metrics.json`` under ``results_dir``."""
-    paths = sorted(results_dir.glob(f"*/{EVAL_DIR}/{METRICS_FILE}"))
+    """Model name -> its ``metrics.json``: the centralized model first, then the others by name."""
+    paths = sorted(results_dir.glob(f"*/{EVAL_DIR}/{METRICS_FILE}"), key=lambda path: _model_order(path.parts[-3]))
     if not paths:
         raise LeukofedError(
             f"{results_dir}: no evaluated model found (expected <model>/{EVAL_DIR}/{METRICS_FILE}); "
@@ -92,15 +146,29 @@ def _load_evaluations(results_dir: Path) -> dict[str, dict]:
     return {path.parent.parent.name: _read_metrics(path) for path in paths}
 
 
+def _model_order(name: str) -> tuple[bool, str]:
+    return name != CENTRALIZED, name
+
+
+def _read_json_checked(path: Path, required: tuple[str, ...], fix: str) -> dict:
+    """A JSON file a stage wrote, checked for the keys the report uses."""
+    if not path.is_file():
+        raise LeukofedError(f"{path}: not found; {fix}")
+    try:
+        content = read_json(path)
+    except json.JSONDecodeError as error:
+        raise LeukofedError(f"{path}: not valid JSON ({error}); {fix}") from None
+    missing = [key for key in required if key not in content]
+    if missing:
+        raise LeukofedError(f"{path}: missing {', '.join(missing)}; {fix}")
+    return content
+
+
 def _read_metrics(path: Path) -> dict:
     """A ``metrics.json`` written by the evaluate stage, checked for the keys the report uses."""
     fix = "re-run the evaluate stage for this model"
-    try:
-        metrics = read_json(path)
-    except json.JSONDecodeError as error:
-        raise LeukofedError(f"{path}: not valid JSON ({error}); {fix}") from None
-    missing = [key for key in _REQUIRED_KEYS if key not in metrics]
-    missing += [f"data.{key}" for key in DataProvenance.__dataclass_fields__ if key not in metrics.get("data", {})]
+    metrics = _read_json_checked(path, _REQUIRED_KEYS, fix)
+    missing = [f"data.{key}" for key in DataProvenance.__dataclass_fields__ if key not in metrics["data"]]
     if missing:
         raise LeukofedError(f"{path}: missing {', '.join(missing)}; {fix}")
     return metrics
@@ -123,6 +191,48 @@ def _common_provenance(results_dir: Path, evaluations: dict[str, dict]) -> DataP
     return DataProvenance.from_dict(first["data"])
 
 
+def _load_federated_runs(results_dir: Path, names: list[str], fingerprint: str) -> dict[str, _FederatedRun]:
+    """The federate- and partition-stage outputs of every evaluated model that has a ``federation.json``."""
+    return {name: _read_federated_run(results_dir, name, fingerprint)
+            for name in names if (results_dir / name / FEDERATION_FILE).is_file()}
+
+
+def _read_federated_run(results_dir: Path, name: str, fingerprint: str) -> _FederatedRun:
+    fix = f"re-run the federate stage for '{name}'"
+    record_path = results_dir / name / FEDERATION_FILE
+    record = _read_json_checked(record_path, _FEDERATION_KEYS, fix)
+    _check_fingerprint(record_path, record, fingerprint, f"re-run the federate and evaluate stages for '{name}'")
+    rounds = _read_rounds(results_dir / name / ROUNDS_FILE, fix)
+    partition_name = f"sites-{record['params']['run']['sites']}"
+    partition_dir = results_dir / PARTITIONS_DIR / partition_name
+    partition_fix = f"run the partition stage for {partition_name}, then the federate stage for '{name}'"
+    partition = _read_json_checked(partition_dir / HETEROGENEITY_FILE, _HETEROGENEITY_KEYS, partition_fix)
+    _check_fingerprint(partition_dir / HETEROGENEITY_FILE, partition, fingerprint, partition_fix)
+    return _FederatedRun(record, rounds, partition, partition_name, partition_dir / HETEROGENEITY_PNG_FILE)
+
+
+def _check_fingerprint(path: Path, content: dict, fingerprint: str, fix: str) -> None:
+    found = content["data"].get("fingerprint")
+    if found != fingerprint:
+        raise LeukofedError(
+            f"{path}: made from data {str(found)[:12]}, but the models were evaluated on data {fingerprint[:12]}; {fix}"
+        )
+
+
+def _read_rounds(path: Path, fix: str) -> pd.DataFrame:
+    """A ``rounds.csv`` written by the federate stage, checked for the columns the report uses."""
+    if not path.is_file():
+        raise LeukofedError(f"{path}: not found; {fix}")
+    try:
+        rounds = pd.read_csv(path)
+    except (ValueError, pd.errors.ParserError, pd.errors.EmptyDataError) as error:
+        raise LeukofedError(f"{path}: unreadable ({error}); {fix}") from None
+    missing = [column for column in _ROUNDS_COLUMNS if column not in rounds.columns]
+    if missing or rounds.empty:
+        raise LeukofedError(f"{path}: {'missing columns ' + ', '.join(missing) if missing else 'no rounds'}; {fix}")
+    return rounds.sort_values("round", kind="stable")
+
+
 def _model_summary(metrics: dict, command: str) -> dict:
     """One model's entry in ``summary.json``."""
     return {
@@ -138,19 +248,205 @@ def _model_summary(metrics: dict, command: str) -> dict:
     }
 
 
-def _copy_figure(results_dir: Path, out_dir: Path, name: str) -> str:
-    """Copy a model's confusion-matrix PNG next to the report; return its name (the relative link)."""
-    source = results_dir / name / EVAL_DIR / CONFUSION_PNG_FILE
+def _federated_summary(run: _FederatedRun, paper_accuracy: float | None) -> dict:
+    """What a federated model's ``summary.json`` entry adds: federation, heterogeneity, fairness."""
+    entry = {
+        "federation": _federation_entry(run),
+        "heterogeneity": _heterogeneity_entry(run.partition, run.partition_name),
+        "fairness": _fairness_entry(run.record),
+    }
+    return entry | ({"paper_accuracy": paper_accuracy} if paper_accuracy is not None else {})
+
+
+def _federation_entry(run: _FederatedRun) -> dict:
+    """Settings and costs of a federated run; ``wall_seconds`` sums its rounds (training, aggregation, evaluation)."""
+    record, settings = run.record, run.record["params"]
+    return {
+        "sites": settings["run"]["sites"],
+        "strategy": settings["run"]["strategy"],
+        "rounds": record["rounds"],
+        "local_epochs": settings["federation"]["local_epochs"],
+        "best_round": record["best_round"],
+        "best_val_accuracy": record["best"]["val_accuracy"],
+        "bytes_sent": record["bytes"]["sent"],
+        "bytes_received": record["bytes"]["received"],
+        "bytes_per_round": _bytes_per_round(record),
+        "wall_seconds": float(run.rounds["seconds"].sum()),
+        "round_seconds_median": record["timing"]["round_median"],
+        "round_to_centralized": record["timing"].get("round_to_centralized"),
+    }
+
+
+def _bytes_per_round(record: dict) -> dict[str, dict[str, float | None]]:
+    """Site -> mean bytes ``sent`` to it and ``received`` from it per round it took part in."""
+    return {
+        site: {
+            direction: entry[f"bytes_{direction}"] / entry["rounds_selected"] if entry["rounds_selected"] else None
+            for direction in ("sent", "received")
+        }
+        for site, entry in record["sites"].items()
+    }
+
+
+def _heterogeneity_entry(partition: dict, partition_name: str) -> dict:
+    """Per-site class counts and label/quantity skew of the partition a run trained on."""
+    summary = partition["summary"]
+    return {
+        "partition": partition_name,
+        "scheme": partition["scheme"],
+        "pooled": partition["pooled"],
+        "sites": {str(site["site"]): {key: site[key] for key in _HETEROGENEITY_SITE_KEYS} for site in partition["sites"]},
+        **{f"{key}_{stat}": summary[f"{key}_{stat}"] for key in _DIVERGENCES for stat in ("mean", "max")},
+        "sizes": summary["sizes"],
+        "quantity_cv": summary["size_cv"],
+    }
+
+
+def _fairness_entry(record: dict) -> dict:
+    """Fairness of the evaluated (best-round) global model over the sites' local validation parts."""
+    best = record["fairness"]["best"]
+    return {
+        "round": record["best_round"],
+        "evaluated_on": "each site's local validation part",
+        "per_site": {site: entry["val_accuracy_best"] for site, entry in record["sites"].items()},
+        "mean": best["mean"],
+        "std": best["std"],
+        "cv": best["cv"],
+        "min_max_gap": best["gap"],
+        "jain_index": best["jain"],
+    }
+
+
+def _copy_figure(source: Path, out_dir: Path, target_name: str, problem: str) -> str:
+    """Copy a stage's PNG next to the report; return its name (the relative link)."""
     if not source.is_file():
-        raise LeukofedError(f"{source}: confusion-matrix figure missing; re-run the evaluate stage for '{name}'")
-    target_name = f"confusion_matrix_{name}.png"
+        raise LeukofedError(f"{source}: {problem}")
     with atomic_path(out_dir / target_name, suffix=".png") as tmp:
         shutil.copyfile(source, tmp)
     return target_name
 
 
+def _copy_confusion_figure(results_dir: Path, out_dir: Path, name: str) -> str:
+    return _copy_figure(results_dir / name / EVAL_DIR / CONFUSION_PNG_FILE, out_dir, f"confusion_matrix_{name}.png",
+                        f"confusion-matrix figure missing; re-run the evaluate stage for '{name}'")
+
+
+def _federation_figures(
+    results_dir: Path, out_dir: Path, federated: dict[str, _FederatedRun], provenance: DataProvenance
+) -> dict[str, str]:
+    """Copy each partition's stacked-bar figure and draw the per-round curves; figure key -> file name."""
+    figures = {}
+    for run in federated.values():
+        figures[run.partition_name] = _copy_figure(
+            run.partition_figure, out_dir, f"heterogeneity_{run.partition_name}.png",
+            f"heterogeneity figure missing; re-run the partition stage for {run.partition_name}",
+        )
+    reference = _centralized_best_val_accuracy(results_dir)
+    curves = {name: (run.rounds["round"].tolist(), run.rounds["val_accuracy"].tolist(), run.record["best_round"])
+              for name, run in federated.items()}
+    labels = {name: _run_label(run.record) for name, run in federated.items()}
+    title = provenance.title("Global validation accuracy per communication round")
+    plot_validation_curves(curves, labels, reference, out_dir / CURVES_PNG_FILE, title)
+    figures[CURVES_PNG_FILE] = CURVES_PNG_FILE
+    return figures
+
+
+def _centralized_best_val_accuracy(results_dir: Path) -> float | None:
+    """The centralized model's best validation accuracy, or None where it was not trained here."""
+    path = results_dir / CENTRALIZED / TRAINING_FILE
+    if not path.is_file():
+        return None
+    return _read_json_checked(path, ("best_val_accuracy",), "re-run the train_centralized stage")["best_val_accuracy"]
+
+
+def plot_validation_curves(
+    curves: dict[str, tuple[list[int], list[float], int]],
+    labels: dict[str, str],
+    reference: float | None,
+    path: Path,
+    title: str,
+) -> None:
+    """Save every federated run's global validation accuracy per round as a line chart (PNG, atomically).
+
+    Parameters
+    ----------
+    curves : dict
+        Run name -> (round numbers, global validation accuracy in [0, 1] per round, best round).
+    labels : dict of str to str
+        Run name -> its legend description (strategy, sites).
+    reference : float or None
+        The centralized model's best validation accuracy in [0, 1]: a dashed horizontal line.
+    path : Path
+        Where the PNG goes.
+    title : str
+        Figure title (say there if the data is synthetic).
+
+    Notes
+    -----
+    Two panels: all rounds, and the second half of the rounds zoomed in, where the runs settle within
+    a point or two of each other and of the reference. A star marks each run's best round: that
+    round's global model is the one the evaluate stage tests.
+    """
+    # An explicit Agg canvas: no display needed, and pyplot's global backend is left alone.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    width = 12.0  # inches: two panels of a few dozen rounds each, the legend below them
+    figure = Figure(figsize=(width, 5.5), layout="constrained")
+    FigureCanvasAgg(figure)
+    full, zoom = figure.subplots(1, 2)
+    last_round = max(rounds[-1] for rounds, _, _ in curves.values())
+    zoom_from = last_round // 2 + 1
+    _draw_curves(full, curves, labels, reference, first_round=1)
+    _draw_curves(zoom, curves, labels, reference, first_round=zoom_from)
+    full.set_title("All rounds")
+    zoom.set_title(f"Rounds {zoom_from}–{last_round}, zoomed in")
+    handles, names = full.get_legend_handles_labels()
+    figure.legend(handles, names, loc="outside lower center", frameon=False, title="★ best round (the tested model)")
+    figure.suptitle(textwrap.fill(title, width=int(_TITLE_CHARS_PER_INCH * width)), fontsize="medium")
+    with atomic_path(path, suffix=".png") as tmp:
+        figure.savefig(tmp, format="png")
+
+
+def _draw_curves(
+    axes, curves: dict[str, tuple[list[int], list[float], int]], labels: dict[str, str], reference: float | None,
+    first_round: int,
+) -> None:
+    """One panel of :func:`plot_validation_curves`: the rounds from ``first_round`` on, in percent."""
+    from matplotlib.ticker import MaxNLocator
+
+    for (name, (rounds, accuracy, best_round)), marker in zip(curves.items(), itertools.cycle(_CURVE_MARKERS)):
+        shown = [(number, 100 * value) for number, value in zip(rounds, accuracy, strict=True) if number >= first_round]
+        (line,) = axes.plot([number for number, _ in shown], [value for _, value in shown], marker=marker, markersize=4,
+                            linewidth=1.5, label=f"{name}: {labels[name]}, best round {best_round}")
+        if best_round >= first_round:
+            axes.plot(best_round, 100 * accuracy[rounds.index(best_round)], marker="*", markersize=14,
+                      color=line.get_color(), markeredgecolor="black", linestyle="none")
+    if reference is not None:
+        axes.axhline(100 * reference, color="black", linestyle="--", linewidth=1.2,
+                     label=f"centralized: best validation accuracy {100 * reference:.2f}%")
+    axes.set(xlabel="Communication round", ylabel="Global validation accuracy (%)")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.grid(True, alpha=0.3)
+
+
+def _run_label(record: dict) -> str:
+    """E.g. ``FedProx (mu 0.01), 5 sites``."""
+    settings = record["params"]
+    strategy = settings["run"]["strategy"]
+    name = STRATEGY_NAMES.get(strategy, strategy)
+    if strategy == "fedprox":
+        name += f" (μ {settings['federation']['fedprox']['mu']:g})"
+    return f"{name}, {settings['run']['sites']} sites"
+
+
 def _readme(
-    summary: dict, evaluations: dict[str, dict], provenance: DataProvenance, figures: dict[str, str], command: str
+    summary: dict,
+    evaluations: dict[str, dict],
+    federated: dict[str, _FederatedRun],
+    provenance: DataProvenance,
+    figures: dict[str, str],
+    command: str,
 ) -> str:
     """The markdown report."""
     lines = [f"# {provenance.title('leukofed results')}", ""]
@@ -161,21 +457,19 @@ def _readme(
         "",
         *_comparison_table(summary),
         "",
+        "Test-split scores. Δ vs centralized: accuracy minus the centralized model's, in percentage points. "
         f"Paper accuracy: test accuracy reported by {PAPER_CITATION} for the model of that name "
         f"({MISSING} where it reports none).",
         "",
+        *_run_legend(federated),
     ]
+    if federated:
+        lines += _federation_sections(summary, federated, figures)
     for name, model in summary["models"].items():
-        lines += [
-            f"## {name}",
-            "",
-            f"Evaluated on {evaluations[name]['n']} images.",
-            "",
-            *_per_class_table(model["per_class"]),
-            "",
-            f"![Confusion matrix of {name}]({figures[name]})",
-            "",
-        ]
+        lines += [f"## {name}", "", f"Evaluated on {evaluations[name]['n']} images.", ""]
+        if "federation" in model:
+            lines += [_federated_model_line(model["federation"], federated[name].record), ""]
+        lines += [*_per_class_table(model["per_class"]), "", f"![Confusion matrix of {name}]({figures[name]})", ""]
     lines += [
         "## Reproducibility",
         "",
@@ -196,16 +490,178 @@ def _readme(
 
 
 def _comparison_table(summary: dict) -> list[str]:
-    """One row per model: overall scores, recall per class and the paper's accuracy."""
+    """One row per model: overall scores, recall per class, the gap to centralized and the paper's accuracy."""
     classes = list(dict.fromkeys(name for model in summary["models"].values() for name in model["per_class"]))
     header = ["Model", "Accuracy", "Balanced accuracy", "Macro-F1"]
-    header += [f"{name} recall" for name in classes] + ["Paper accuracy"]
+    header += [f"{name} recall" for name in classes] + ["Δ vs centralized (points)", "Paper accuracy"]
+    centralized = summary["models"].get(CENTRALIZED)
     rows = []
     for name, model in summary["models"].items():
         recalls = [_recall(model["per_class"].get(cls)) for cls in classes]
         scores = [_percent(model[key]) for key in ("accuracy", "balanced_accuracy", "macro_f1")]
-        rows.append([name, *scores, *recalls, _percent(summary["paper"].get(name))])
+        gap = MISSING if centralized is None or name == CENTRALIZED else _points(model["accuracy"] - centralized["accuracy"])
+        rows.append([name, *scores, *recalls, gap, _percent(summary["paper"].get(name))])
     return _markdown_table(header, rows)
+
+
+def _run_legend(federated: dict[str, _FederatedRun]) -> list[str]:
+    """One line per federated model: how it was trained."""
+    lines = [
+        f"- `{name}`: {_run_label(run.record)}, {run.record['rounds']} rounds of "
+        f"{_count(run.record['params']['federation']['local_epochs'], 'local epoch')} each; the tested model is the global model "
+        f"of round {run.record['best_round']} (highest global validation accuracy)."
+        for name, run in federated.items()
+    ]
+    return [*lines, ""] if lines else []
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _federated_model_line(federation: dict, record: dict) -> str:
+    return (
+        f"Federated: {_run_label(record)}; global model of round {federation['best_round']} of {federation['rounds']} "
+        f"(global validation accuracy {_percent(federation['best_val_accuracy'])})."
+    )
+
+
+def _federation_sections(summary: dict, federated: dict[str, _FederatedRun], figures: dict[str, str]) -> list[str]:
+    """Heterogeneity, per-round curves, fairness and communication of the federated models."""
+    models = summary["models"]
+    lines = [
+        "## Heterogeneity of the site partitions",
+        "",
+        "Each site's images (its local train and validation parts; the test split stays global). "
+        "JS divergence (bits, 0 = the pooled mix, 1 = disjoint), Hellinger distance (0–1) and earth "
+        "mover's distance (in class steps along Benign < Early < Pre < Pro) compare the site's class mix "
+        "with the pooled one; quantity CV is the coefficient of variation of the site sizes.",
+        "",
+    ]
+    for partition_name, names in _runs_by_partition(federated).items():
+        lines += _heterogeneity_section(models[names[0]]["heterogeneity"], names, figures[partition_name])
+    reference = "" if CENTRALIZED not in models else (
+        " The dashed line is the centralized model's best accuracy on the global validation split (other "
+        "images than the sites' validation parts, so a reference level, not a paired comparison)."
+    )
+    lines += [
+        "## Validation accuracy per round",
+        "",
+        "Global validation accuracy after each round: the global model's accuracy over all sites' local "
+        "validation parts (sample-weighted)." + reference,
+        "",
+        f"![Global validation accuracy per round]({figures[CURVES_PNG_FILE]})",
+        "",
+        "## Fairness across sites",
+        "",
+        "Accuracy of each tested global model (its best round) on each site's local validation part. "
+        "Std and min–max gap in percentage points (population std); CV = std / mean; Jain's index "
+        "(Σa)² / (n·Σa²) is 1 when every site is served equally and 1/n when one site gets everything.",
+        "",
+        *_fairness_table(models, list(federated)),
+        "",
+        "## Communication and cost",
+        "",
+        "Payload of the model entries exchanged (tensor bytes; 1 MB = 10⁶ bytes). "
+        "Per site and round: mean over the rounds the site took part in. Wall time: the sum of the rounds "
+        "(local training, aggregation, server evaluation); round vs centralized: median round time over the "
+        "time centralized training takes for the same images and epochs, measured in the same run.",
+        "",
+        *_communication_table(models, list(federated)),
+        "",
+    ]
+    return lines
+
+
+def _runs_by_partition(federated: dict[str, _FederatedRun]) -> dict[str, list[str]]:
+    """Partition name -> the federated models trained on it, partitions by site count."""
+    groups: dict[str, list[str]] = {}
+    for name, run in sorted(federated.items(), key=lambda item: (item[1].partition["n_sites"], item[0])):
+        groups.setdefault(run.partition_name, []).append(name)
+    return groups
+
+
+def _heterogeneity_section(heterogeneity: dict, names: list[str], figure: str) -> list[str]:
+    """Class counts and skew of one partition's sites, with its stacked-bar figure."""
+    classes = list(heterogeneity["pooled"])
+    header = ["Site", *classes, "Images", "Local train", "Local val", "JS divergence", "Hellinger", "EMD"]
+    rows = [
+        [f"site {site}", *(str(entry["counts"][label]) for label in classes), str(entry["n"]), str(entry["n_train"]),
+         str(entry["n_val"]), *(f"{entry[key]:.3f}" for key in _DIVERGENCES)]
+        for site, entry in heterogeneity["sites"].items()
+    ]
+    sites = heterogeneity["sites"].values()
+    pooled = heterogeneity["pooled"]
+    rows.append(["pooled", *(str(pooled[label]) for label in classes), str(sum(pooled.values())),
+                 str(sum(entry["n_train"] for entry in sites)), str(sum(entry["n_val"] for entry in sites)),
+                 *([MISSING] * len(_DIVERGENCES))])
+    used_by = ", ".join(f"`{name}`" for name in names)
+    lines = [
+        f"### {len(heterogeneity['sites'])} sites (`{heterogeneity['partition']}`, scheme {heterogeneity['scheme']}; "
+        f"used by {used_by})",
+        "",
+        *_markdown_table(header, rows),
+        "",
+        f"Quantity CV {heterogeneity['quantity_cv']:.3f}; mean (max) JS divergence "
+        f"{heterogeneity['js_divergence_mean']:.3f} ({heterogeneity['js_divergence_max']:.3f}) bits, Hellinger "
+        f"{heterogeneity['hellinger_mean']:.3f} ({heterogeneity['hellinger_max']:.3f}), EMD "
+        f"{heterogeneity['emd_mean']:.3f} ({heterogeneity['emd_max']:.3f}).",
+    ]
+    lines += [f"**Site {site} has no {', '.join(entry['missing_classes'])} images.**"
+              for site, entry in heterogeneity["sites"].items() if entry["missing_classes"]]
+    return [*lines, "", f"![Class counts and mix per site, {heterogeneity['partition']}]({figure})", ""]
+
+
+def _fairness_table(models: dict, names: list[str]) -> list[str]:
+    """One row per federated model: per-site accuracy, then its spread."""
+    n_sites = max(len(models[name]["fairness"]["per_site"]) for name in names)
+    header = ["Model", "Round", *(f"Site {site}" for site in range(1, n_sites + 1)),
+              "Mean", "Std (points)", "CV", "Min–max gap (points)", "Jain index"]
+    rows = []
+    for name in names:
+        fairness = models[name]["fairness"]
+        per_site = [_percent(fairness["per_site"].get(str(site))) for site in range(1, n_sites + 1)]
+        rows.append([name, str(fairness["round"]), *per_site, _percent(fairness["mean"]), _points(fairness["std"], sign=False),
+                     _decimal(fairness["cv"]), _points(fairness["min_max_gap"], sign=False),
+                     _decimal(fairness["jain_index"], digits=4)])
+    return _markdown_table(header, rows)
+
+
+def _communication_table(models: dict, names: list[str]) -> list[str]:
+    """One row per federated model: bytes per site and round, totals and wall time."""
+    header = ["Model", "Sites", "Rounds", "Sent per site per round", "Received per site per round",
+              "Total sent (MB)", "Total received (MB)", "Total (MB)", "Wall time", "Round vs centralized"]
+    rows = []
+    for name in names:
+        federation = models[name]["federation"]
+        per_round = federation["bytes_per_round"].values()
+        total = federation["bytes_sent"] + federation["bytes_received"]
+        rows.append([
+            name, str(federation["sites"]), str(federation["rounds"]),
+            _byte_range([entry["sent"] for entry in per_round]), _byte_range([entry["received"] for entry in per_round]),
+            _megabytes(federation["bytes_sent"]), _megabytes(federation["bytes_received"]), _megabytes(total),
+            f"{_duration(federation['wall_seconds'])} ({_duration(federation['round_seconds_median'])} per round, median)",
+            MISSING if federation["round_to_centralized"] is None else f"{federation['round_to_centralized']:.2f}×",
+        ])
+    return _markdown_table(header, rows)
+
+
+def _byte_range(values: list[float | None]) -> str:
+    """Bytes as ``123,456 B``, or ``low–high B`` where the sites differ."""
+    present = [round(value) for value in values if value is not None]
+    if not present:
+        return MISSING
+    low, high = min(present), max(present)
+    return f"{low:,} B" if low == high else f"{low:,}–{high:,} B"
+
+
+def _duration(seconds: float) -> str:
+    """``42.0 s`` under a minute, else ``12.3 min``."""
+    return f"{seconds:.1f} s" if seconds < SECONDS_PER_MINUTE else f"{seconds / SECONDS_PER_MINUTE:.1f} min"
+
+
+def _megabytes(n_bytes: int) -> str:
+    return f"{n_bytes / BYTES_PER_MB:.2f}"
 
 
 def _per_class_table(per_class: dict[str, dict]) -> list[str]:
@@ -225,6 +681,15 @@ def _recall(scores: dict | None) -> str:
 
 def _percent(value: float | None) -> str:
     return MISSING if value is None else f"{100 * value:.2f}%"
+
+
+def _points(value: float | None, sign: bool = True) -> str:
+    """A difference of two shares in percentage points, e.g. ``+0.35``."""
+    return MISSING if value is None else f"{100 * value:{'+' if sign else ''}.2f}"
+
+
+def _decimal(value: float | None, digits: int = 3) -> str:
+    return MISSING if value is None else f"{value:.{digits}f}"
 
 
 def _markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:

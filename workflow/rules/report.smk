@@ -1,9 +1,18 @@
 # The report a reader opens: reports/<dataset>/README.md and its machine-readable summary.json.
 
 
+# Partitions the federated runs train on: their heterogeneity table and figure go into the report.
+REPORT_PARTITIONS = sorted({run["sites"] for run in config["federation"]["runs"].values()})
+
+
 rule report:
     input:
-        expand("results/{{dataset}}/{model}/eval/metrics.json", model=MODELS),
+        metrics=expand("results/{{dataset}}/{model}/eval/metrics.json", model=MODELS),
+        federation=expand("results/{{dataset}}/{run}/{file}", run=config["federation"]["runs"], file=["federation.json", "rounds.csv"]),
+        partitions=expand(
+            "results/{{dataset}}/partitions/sites-{sites}/heterogeneity.{ext}", sites=REPORT_PARTITIONS, ext=["json", "png"]
+        ),
+        centralized="results/{dataset}/centralized/training.json",  # its best val accuracy: the curves' reference line
     output:
         summary="reports/{dataset}/summary.json",
         readme="reports/{dataset}/README.md",
