@@ -429,8 +429,8 @@ def calibrate(params: Params, model_path: Path, cache_dir: Path, split_path: Pat
     """Calibration of a model on the test split, before and after temperature scaling.
 
     The temperature is fitted on the global validation split, or, with ``partition_path`` (a federated
-    model), at each site on its local validation part and combined by the server without pooling data
-    (see :mod:`leukofed.evaluation.calibration`).
+    model), on the sites' local validation parts without pooling data (see
+    :mod:`leukofed.evaluation.calibration`).
     """
     from leukofed.evaluation.calibration import federated_temperature, temperature_record, write_calibration
 
@@ -444,7 +444,7 @@ def calibrate(params: Params, model_path: Path, cache_dir: Path, split_path: Pat
     else:
         site_rows = _site_validation_rows(cache, partition_path)
         site_logits = {site: (_logits(model, cache.images[rows], batch), labels[rows]) for site, rows in site_rows.items()}
-        fit = {"scheme": "site-wise: each site's local validation part, server takes the weighted mean of log T",
+        fit = {"scheme": "site-wise: the server minimises the sum of the sites' NLLs on their local validation parts",
                "partition": str(partition_path), **federated_temperature(site_logits, bounds)}
     test_rows = _split_rows(split_table, "test")
     name = Path(model_path).parent.name

@@ -13,7 +13,6 @@ from sklearn.metrics import brier_score_loss, log_loss
 from leukofed.evaluation.calibration import (
     calibration_errors,
     calibration_metrics,
-    combine_temperatures,
     confidence_histograms,
     federated_temperature,
     fit_temperature,
@@ -119,18 +118,25 @@ def test_a_validation_set_without_errors_runs_into_the_lower_bound():
     logits, labels = _toy()
     right = logits.argmax(axis=1) == labels
     record = temperature_record(logits[right], labels[right], BOUNDS)
-    assert record["at_bound"] and record["temperature"] == pytest.approx(BOUNDS[0], rel=1e-3)
+    assert record["at_bound"] and record["fitted_temperature"] == pytest.approx(BOUNDS[0], rel=1e-3)
+    assert record["temperature"] == 1.0, "an unidentifiable temperature must not be applied"
     assert not temperature_record(logits, labels, BOUNDS)["at_bound"]
 
 
-def test_site_temperatures_combine_by_weighted_log_mean():
-    assert combine_temperatures([2.0, 0.5], [1, 1]) == pytest.approx(1.0)
-    assert combine_temperatures([4.0, 1.0], [1, 3]) == pytest.approx(4.0**0.25)
+def test_federated_temperature_equals_the_pooled_fit():
     logits, labels = _toy()
     fit = federated_temperature({2: (4 * logits[:100], labels[:100]), 1: (4 * logits[100:], labels[100:])}, BOUNDS)
     assert [site["site"] for site in fit["sites"]] == [1, 2] and fit["n_val"] == len(labels)
-    expected = combine_temperatures([s["temperature"] for s in fit["sites"]], [300, 100])
-    assert fit["temperature"] == pytest.approx(expected)
+    assert fit["temperature"] == pytest.approx(fit_temperature(4 * logits, labels, BOUNDS), rel=1e-3)
+    assert not fit["at_bound"]
+
+
+def test_a_site_without_errors_does_not_drag_the_federation_to_the_bound():
+    logits, labels = _toy()
+    right = logits.argmax(axis=1) == labels
+    fit = federated_temperature({1: (logits[right][:20], labels[right][:20]), 2: (logits, labels)}, BOUNDS)
+    assert fit["sites"][0]["at_bound"]
+    assert not fit["at_bound"] and fit["temperature"] > 2 * BOUNDS[0]
 
 
 def test_write_calibration_writes_the_documented_files(tmp_path):

@@ -15,10 +15,11 @@ Definitions (``B`` equal-width bins over [0, 1], ``analysis.ece_bins``; binning 
 the NLL on validation data; it never changes a prediction, only its confidence. ``T`` is searched on
 ``log T`` (bounded by ``analysis.temperature_bounds``), where over- and under-confidence are symmetric.
 
-**Federated models** are calibrated without pooling site data: each site fits its own ``T_s`` on its
-local validation part and sends only ``(T_s, n_s)``; the server combines them as the sample-weighted
-mean of the log-temperatures, ``T = exp(sum n_s log T_s / sum n_s)`` (a weighted geometric mean: the
-consensus scale factor, not pulled towards large ``T`` as an arithmetic mean would be).
+**Federated models** are calibrated without pooling site data: the server searches ``T`` to minimise
+the sum of the sites' NLLs; for each candidate ``T`` it proposes, every site answers with one number,
+its summed NLL on its local validation part. The optimum is the one pooled validation data would give,
+and a site whose validation part has no error (its own fit would run into the lower bound) cannot drag
+the federation there. Each site's own fit is reported beside it as a heterogeneity diagnostic.
 """
 
 from __future__ import annotations
@@ -156,10 +157,16 @@ def confidence_histograms(y_true: np.ndarray, proba: np.ndarray, n_bins: int) ->
     }
 
 
-def _nll(logits: np.ndarray, labels: np.ndarray, temperature: float) -> float:
-    """Mean negative log-likelihood of ``labels`` under ``softmax(logits / temperature)`` (exact log-softmax)."""
+def _nll_sum(logits: np.ndarray, labels: np.ndarray, temperature: float) -> float:
+    """Summed negative log-likelihood of ``labels`` under ``softmax(logits / temperature)`` (exact log-softmax)."""
     log_proba = log_softmax(logits / temperature, axis=1)
-    return float(-log_proba[np.arange(len(labels)), labels].mean())
+    return float(-log_proba[np.arange(len(labels)), labels].sum())
+
+
+def _minimise_over_log_t(nll_sum, bounds: list[float]) -> float:
+    """The ``T`` in ``bounds`` minimising ``nll_sum(T)``, searched on ``log T``."""
+    result = minimize_scalar(lambda log_t: nll_sum(float(np.exp(log_t))), bounds=tuple(np.log(bounds)), method="bounded")
+    return float(np.exp(result.x))
 
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray, bounds: list[float]) -> float:
@@ -182,10 +189,7 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, bounds: list[float])
     logits, labels = np.asarray(logits, dtype=np.float64), np.asarray(labels)
     if len(labels) == 0 or logits.shape[0] != len(labels):
         raise ValueError(f"need one label per logit row and at least one row, got {logits.shape} and {labels.shape}")
-    result = minimize_scalar(
-        lambda log_t: _nll(logits, labels, float(np.exp(log_t))), bounds=tuple(np.log(bounds)), method="bounded"
-    )
-    return float(np.exp(result.x))
+    return _minimise_over_log_t(lambda t: _nll_sum(logits, labels, t), bounds)
 
 
 def _at_bound(temperature: float, bounds: list[float]) -> bool:
@@ -193,23 +197,24 @@ def _at_bound(temperature: float, bounds: list[float]) -> bool:
     return bool(np.isclose(np.log(temperature), np.log(bounds), atol=_BOUND_TOLERANCE).any())
 
 
-def temperature_record(logits: np.ndarray, labels: np.ndarray, bounds: list[float]) -> dict:
-    """``n_val``, ``temperature`` (:func:`fit_temperature`) and ``at_bound`` of one validation set.
+def _applied(fitted: float, bounds: list[float]) -> dict:
+    """The temperature to apply: the fit, or 1 (no scaling) when the fit ran into a bound.
 
-    ``at_bound`` flags a fit that ran into ``bounds``: e.g. validation data without a single error
-    always prefers sharper probabilities, so its temperature sinks to the lower bound.
+    A fit at a bound means the NLL keeps falling beyond it: validation data without a single error
+    always prefer sharper probabilities (``T -> 0``). The optimum is then not identifiable from
+    these data, and applying the arbitrary bound would only make test probabilities over-confident.
     """
-    temperature = fit_temperature(logits, labels, bounds)
-    return {"n_val": len(labels), "temperature": temperature, "at_bound": _at_bound(temperature, bounds)}
+    at_bound = _at_bound(fitted, bounds)
+    return {"temperature": 1.0 if at_bound else fitted, "fitted_temperature": fitted, "at_bound": at_bound}
 
 
-def combine_temperatures(temperatures: list[float], n_samples: list[int]) -> float:
-    """The server's temperature: the sample-weighted mean of the sites' log-temperatures, exponentiated."""
-    return float(np.exp(np.average(np.log(temperatures), weights=n_samples)))
+def temperature_record(logits: np.ndarray, labels: np.ndarray, bounds: list[float]) -> dict:
+    """``n_val`` and the :func:`_applied` temperature (``temperature``, ``fitted_temperature``, ``at_bound``)."""
+    return {"n_val": len(labels), **_applied(fit_temperature(logits, labels, bounds), bounds)}
 
 
 def federated_temperature(site_logits: dict[int, tuple[np.ndarray, np.ndarray]], bounds: list[float]) -> dict:
-    """Fit a temperature at each site on its own validation part and combine them, pooling no data.
+    """Fit one temperature for all sites without pooling data: minimise the sum of the sites' NLLs.
 
     Parameters
     ----------
@@ -221,13 +226,15 @@ def federated_temperature(site_logits: dict[int, tuple[np.ndarray, np.ndarray]],
     Returns
     -------
     dict
-        ``temperature`` (combined by :func:`combine_temperatures`), ``n_val`` (total) and ``sites``
-        (list of ``site`` with its :func:`temperature_record`): all that leaves a site is ``T_s`` and ``n_s``.
+        ``temperature`` (the :func:`_applied` federated fit), ``fitted_temperature``, ``at_bound``, ``n_val`` (total) and ``sites`` (list of
+        ``site`` with its own :func:`temperature_record`, a diagnostic). What leaves a site is one
+        summed NLL per candidate temperature, never a logit or a label.
     """
+    validation = [(np.asarray(logits, dtype=np.float64), np.asarray(labels)) for logits, labels in site_logits.values()]
+    fitted = _minimise_over_log_t(lambda t: sum(_nll_sum(logits, labels, t) for logits, labels in validation), bounds)
     sites = [{"site": int(site), **temperature_record(logits, labels, bounds)}
              for site, (logits, labels) in sorted(site_logits.items())]
-    temperature = combine_temperatures([s["temperature"] for s in sites], [s["n_val"] for s in sites])
-    return {"temperature": temperature, "n_val": sum(s["n_val"] for s in sites), "sites": sites}
+    return {**_applied(fitted, bounds), "n_val": sum(s["n_val"] for s in sites), "sites": sites}
 
 
 def plot_reliability(y_true: np.ndarray, before: np.ndarray, after: np.ndarray, classes: list[str],
