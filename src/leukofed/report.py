@@ -8,7 +8,9 @@ and is cheap to rebuild:
   ``rounds.csv`` (federate stage) and the ``heterogeneity.json`` / ``.png`` of the partition it
   trained on, ``<results_dir>/partitions/sites-<n>/`` (partition stage);
 - the centralized model's ``training.json``, for its best validation accuracy as the reference
-  line of the per-round curves (optional).
+  line of the per-round curves (optional);
+- the analysis stages: every model's ``calibration/`` (calibrate) and ``cam/`` (explain), and
+  ``comparison/statistics.json`` (compare: bootstrap CIs, McNemar) and ``audit/shortcut.json`` (audit).
 
 It refuses to put models evaluated on different data side by side, and says loudly when the data
 is synthetic.
@@ -27,7 +29,10 @@ import pandas as pd
 
 from leukofed.data.partition import HETEROGENEITY_FILE, HETEROGENEITY_PNG_FILE
 from leukofed.errors import LeukofedError
+from leukofed.evaluation.calibration import CALIBRATION_FILE, RELIABILITY_PNG_FILE
+from leukofed.evaluation.explain import CAM_FILE, ERRORS_PNG_FILE
 from leukofed.evaluation.metrics import CONFUSION_PNG_FILE, METRICS_FILE
+from leukofed.evaluation.statistics import METRIC_NAMES
 from leukofed.io import atomic_path, read_json, write_json, write_text
 from leukofed.provenance import DataProvenance
 
@@ -40,6 +45,10 @@ FEDERATION_FILE = "federation.json"
 ROUNDS_FILE = "rounds.csv"
 PARTITIONS_DIR = "partitions"
 CURVES_PNG_FILE = "validation_accuracy_per_round.png"
+CALIBRATION_DIR = "calibration"  # per model, calibrate stage
+CAM_DIR = "cam"  # per model, explain stage
+STATISTICS_PATH = "comparison/statistics.json"  # compare stage
+AUDIT_PATH = "audit/shortcut.json"  # audit stage
 
 DATASET_CITATION = (
     "Aria M, Ghaderzadeh M, Bashash D, et al. Acute Lymphoblastic Leukemia (ALL) image dataset. "
@@ -53,6 +62,7 @@ SYNTHETIC_BANNER = (
     "> comparable with the paper."
 )
 MISSING = "—"
+PANEL_COLOURS = 256  # palette of the panel grids copied into the report (overlays stay legible)
 STRATEGY_NAMES = {"fedavg": "FedAvg", "fedprox": "FedProx", "fedavgm": "FedAvgM", "fedadam": "FedAdam"}
 BYTES_PER_MB = 10**6
 SECONDS_PER_MINUTE = 60
@@ -67,6 +77,12 @@ _CLASS_SCORES = ("precision", "recall", "f1", "support")
 _MODEL_DATA_KEYS = ("source", "fingerprint", "n_images")
 _TITLE_CHARS_PER_INCH = 10  # wrap figure titles at about this many characters per inch of width
 _CURVE_MARKERS = ("o", "s", "^", "D", "v", "P")  # a marker per run: overlapping curves stay distinguishable
+_CALIBRATION_KEYS = ("overall", "temperature", "after_scaling", "temperature_fit", "data")
+_CALIBRATION_SCORES = ("ece", "mce", "brier", "nll")
+_CAM_KEYS = ("methods", "target_layer", "randomisation", "randomisation_similarity", "panels", "data")
+_STATISTICS_KEYS = ("models", "mcnemar", "reference", "n_test", "n_resamples", "confidence", "data")
+_AUDIT_KEYS = ("border_colour", "corner_patch", "majority_class", "features", "n_train", "n_test", "data")
+_SHORTCUTS = {"border_colour": "Border colour", "corner_patch": "Corner patch (scale bar)"}
 
 
 @dataclass(frozen=True)
@@ -80,6 +96,16 @@ class _FederatedRun:
     partition_figure: Path  # heterogeneity.png of that partition
 
 
+@dataclass(frozen=True)
+class _Analysis:
+    """What the calibrate, explain, compare and audit stages wrote."""
+
+    calibration: dict[str, dict]  # model -> calibration.json
+    cam: dict[str, dict]  # model -> cam.json
+    statistics: dict  # comparison/statistics.json
+    audit: dict  # audit/shortcut.json
+
+
 def build_report(results_dir: Path, out_dir: Path, *, paper_accuracy: dict[str, float], command: str) -> dict:
     """Compare every model evaluated under ``results_dir`` in ``out_dir``, each file written atomically.
 
@@ -89,10 +115,14 @@ def build_report(results_dir: Path, out_dir: Path, *, paper_accuracy: dict[str, 
         Holds one folder per model, each with ``eval/metrics.json`` and ``eval/confusion_matrix.png``
         from the evaluate stage (e.g. ``results/<dataset>/centralized/eval/``). A federated model's
         folder also holds ``federation.json`` and ``rounds.csv``, and its partition lives in
-        ``partitions/sites-<n>/`` (``heterogeneity.json``, ``heterogeneity.png``).
+        ``partitions/sites-<n>/`` (``heterogeneity.json``, ``heterogeneity.png``). Every model's folder
+        also holds ``calibration/`` and ``cam/`` (calibrate, explain stages), and ``results_dir`` holds
+        ``comparison/statistics.json`` (compare) and ``audit/shortcut.json`` (audit).
     out_dir : Path
-        Receives ``summary.json``, ``README.md``, ``confusion_matrix_<model>.png`` per model and, when
-        there are federated models, ``heterogeneity_sites-<n>.png`` per partition and
+        Receives ``summary.json``, ``README.md``, ``confusion_matrix_<model>.png`` per model,
+        ``reliability_<model>.png`` of the centralized and the first other (federated) model, two Grad-CAM
+        panel grids of the first model (``cam_errors_<model>.png``, ``cam_correct_<class>_<model>.png``)
+        and, when there are federated models, ``heterogeneity_sites-<n>.png`` per partition and
         ``validation_accuracy_per_round.png``.
     paper_accuracy : dict of str to float
         Published test accuracy by model name (``report.paper_accuracy``), shown beside ours.
@@ -104,9 +134,11 @@ def build_report(results_dir: Path, out_dir: Path, *, paper_accuracy: dict[str, 
     dict
         The content of ``summary.json``: ``dataset``, ``data`` (``source``, ``fingerprint``,
         ``n_images``, ``synthetic``), ``models`` (name -> ``accuracy``, ``balanced_accuracy``,
-        ``macro_f1``, ``per_class``, ``params``, ``data``, ``command``; a federated model also
-        ``federation``, ``heterogeneity``, ``fairness`` and, where the paper has one,
-        ``paper_accuracy``) and ``paper``.
+        ``macro_f1``, ``per_class``, ``params``, ``data``, ``command``, ``ci`` (metric -> ``estimate``,
+        ``low``, ``high``), ``calibration`` (``ece``, ``mce``, ``brier``, ``nll``, ``temperature``,
+        ``after_scaling``), ``cam_randomisation_similarity``; every model but the centralized one also
+        ``mcnemar_vs_centralized``; a federated model also ``federation``, ``heterogeneity``,
+        ``fairness`` and, where the paper has one, ``paper_accuracy``), ``paper`` and ``audit``.
 
     Raises
     ------
@@ -118,7 +150,9 @@ def build_report(results_dir: Path, out_dir: Path, *, paper_accuracy: dict[str, 
     evaluations = _load_evaluations(results_dir)
     provenance = _common_provenance(results_dir, evaluations)
     federated = _load_federated_runs(results_dir, list(evaluations), provenance.fingerprint)
-    models = {name: _model_summary(metrics, command) for name, metrics in evaluations.items()}
+    analysis = _load_analysis(results_dir, list(evaluations), provenance.fingerprint)
+    models = {name: _model_summary(metrics, command) | _analysis_summary(name, analysis)
+              for name, metrics in evaluations.items()}
     for name, run in federated.items():
         models[name] |= _federated_summary(run, paper_accuracy.get(name))
     summary = {
@@ -126,12 +160,14 @@ def build_report(results_dir: Path, out_dir: Path, *, paper_accuracy: dict[str, 
         "data": {key: getattr(provenance, key) for key in _MODEL_DATA_KEYS} | {"synthetic": provenance.is_synthetic},
         "models": models,
         "paper": dict(paper_accuracy),
+        "audit": _audit_summary(analysis.audit),
     }
     figures = {name: _copy_confusion_figure(results_dir, out_dir, name) for name in evaluations}
     if federated:
         figures |= _federation_figures(results_dir, out_dir, federated, provenance)
+    figures |= _analysis_figures(results_dir, out_dir, list(evaluations), analysis.cam)
     write_json(out_dir / SUMMARY_FILE, summary)
-    write_text(out_dir / README_FILE, _readme(summary, evaluations, federated, provenance, figures, command))
+    write_text(out_dir / README_FILE, _readme(summary, evaluations, federated, analysis, provenance, figures, command))
     return summary
 
 
@@ -317,12 +353,73 @@ def _fairness_entry(record: dict) -> dict:
     }
 
 
+def _load_analysis(results_dir: Path, names: list[str], fingerprint: str) -> _Analysis:
+    """The calibrate, explain, compare and audit outputs for ``names``, each checked against the evaluated data."""
+    calibration = {name: _read_analysis(results_dir / name / CALIBRATION_DIR / CALIBRATION_FILE, _CALIBRATION_KEYS,
+                                        f"the calibrate stage for '{name}'", fingerprint) for name in names}
+    cam = {name: _read_analysis(results_dir / name / CAM_DIR / CAM_FILE, _CAM_KEYS, f"the explain stage for '{name}'",
+                                fingerprint) for name in names}
+    statistics_path = results_dir / STATISTICS_PATH
+    statistics = _read_analysis(statistics_path, _STATISTICS_KEYS, "the compare stage", fingerprint)
+    absent = [name for name in names if name not in statistics["models"]
+              or (name != statistics["reference"] and name not in statistics["mcnemar"])]
+    if absent or statistics["reference"] != CENTRALIZED:
+        raise LeukofedError(
+            f"{statistics_path}: compares {sorted(statistics['models'])} against '{statistics['reference']}', but the "
+            f"report needs every evaluated model ({', '.join(names)}) against '{CENTRALIZED}'; re-run the compare stage"
+        )
+    audit = _read_analysis(results_dir / AUDIT_PATH, _AUDIT_KEYS, "the audit stage", fingerprint)
+    return _Analysis(calibration, cam, statistics, audit)
+
+
+def _read_analysis(path: Path, required: tuple[str, ...], stage: str, fingerprint: str) -> dict:
+    """An analysis stage's JSON, checked for the keys the report uses and for the evaluated data."""
+    content = _read_json_checked(path, required, f"run {stage}")
+    _check_fingerprint(path, content, fingerprint, f"re-run {stage}")
+    return content
+
+
+def _analysis_summary(name: str, analysis: _Analysis) -> dict:
+    """What a model's ``summary.json`` entry gains from the analysis stages."""
+    calibration = analysis.calibration[name]
+    entry = {
+        "ci": {metric: analysis.statistics["models"][name][metric] for metric in METRIC_NAMES},
+        "calibration": {
+            **{key: calibration["overall"][key] for key in _CALIBRATION_SCORES},
+            "temperature": calibration["temperature"],
+            "temperature_fit": calibration["temperature_fit"]["scheme"],
+            "after_scaling": {key: calibration["after_scaling"][key] for key in _CALIBRATION_SCORES},
+        },
+        "cam_randomisation_similarity": analysis.cam[name]["randomisation_similarity"],
+    }
+    if name != CENTRALIZED:
+        entry["mcnemar_vs_centralized"] = analysis.statistics["mcnemar"][name]
+    return entry
+
+
+def _audit_summary(audit: dict) -> dict:
+    """The shortcut audit's test scores and feature sets."""
+    return {key: audit[key] for key in (*_SHORTCUTS, "majority_class", "features", "n_train", "n_test")}
+
+
 def _copy_figure(source: Path, out_dir: Path, target_name: str, problem: str) -> str:
     """Copy a stage's PNG next to the report; return its name (the relative link)."""
     if not source.is_file():
         raise LeukofedError(f"{source}: {problem}")
     with atomic_path(out_dir / target_name, suffix=".png") as tmp:
         shutil.copyfile(source, tmp)
+    return target_name
+
+
+def _copy_panel_grid(source: Path, out_dir: Path, target_name: str, problem: str) -> str:
+    """Copy a Grad-CAM panel grid as a 256-colour PNG: the committed report stays small (about a third)."""
+    from PIL import Image
+
+    if not source.is_file():
+        raise LeukofedError(f"{source}: {problem}")
+    with Image.open(source) as image, atomic_path(out_dir / target_name, suffix=".png") as tmp:
+        palette = image.convert("RGB").quantize(colors=PANEL_COLOURS, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+        palette.save(tmp, format="PNG", optimize=True)
     return target_name
 
 
@@ -349,6 +446,41 @@ def _federation_figures(
     plot_validation_curves(curves, labels, reference, out_dir / CURVES_PNG_FILE, title)
     figures[CURVES_PNG_FILE] = CURVES_PNG_FILE
     return figures
+
+
+def _analysis_figures(
+    results_dir: Path, out_dir: Path, names: list[str], cams: dict[str, dict]
+) -> dict[str, str]:
+    """Copy the reliability diagrams of the centralized and the first other model, and two CAM panel grids.
+
+    Only two panel grids of dataset images (the first model's misclassified images and the correct
+    images of its best-filled class) go into the report: the dataset's terms allow showing a few.
+    """
+    figures = {}
+    for name in _reliability_models(names):
+        figures[f"reliability:{name}"] = _copy_figure(
+            results_dir / name / CALIBRATION_DIR / RELIABILITY_PNG_FILE, out_dir, f"reliability_{name}.png",
+            f"reliability diagram missing; re-run the calibrate stage for '{name}'",
+        )
+    name = names[0]
+    correct = _fullest_correct_panel(cams[name])
+    for key, source, target in (("cam:errors", ERRORS_PNG_FILE, f"cam_errors_{name}.png"),
+                                ("cam:correct", correct["file"], f"cam_correct_{correct['class']}_{name}.png")):
+        figures[key] = _copy_panel_grid(results_dir / name / CAM_DIR / source, out_dir, target,
+                                        f"Grad-CAM panel grid missing; re-run the explain stage for '{name}'")
+    return figures
+
+
+def _reliability_models(names: list[str]) -> list[str]:
+    """The models whose reliability diagram the report shows: the centralized one and the first other (federated) one."""
+    others = [name for name in names if name != CENTRALIZED]
+    return [name for name in names if name == CENTRALIZED] + others[:1]
+
+
+def _fullest_correct_panel(cam: dict) -> dict:
+    """The panel grid of correctly classified images with the most images (the first such class on a tie)."""
+    correct = [panel for panel in cam["panels"] if panel["kind"] == "correct"]
+    return max(correct, key=lambda panel: len(panel["images"]))
 
 
 def _centralized_best_val_accuracy(results_dir: Path) -> float | None:
@@ -444,6 +576,7 @@ def _readme(
     summary: dict,
     evaluations: dict[str, dict],
     federated: dict[str, _FederatedRun],
+    analysis: _Analysis,
     provenance: DataProvenance,
     figures: dict[str, str],
     command: str,
@@ -457,7 +590,12 @@ def _readme(
         "",
         *_comparison_table(summary),
         "",
-        "Test-split scores. Δ vs centralized: accuracy minus the centralized model's, in percentage points. "
+        f"Test-split scores on {analysis.statistics['n_test']} images, with "
+        f"{_percent(analysis.statistics['confidence'], digits=0)} percentile-bootstrap confidence intervals in "
+        f"parentheses ({analysis.statistics['n_resamples']} resamples of the test images). "
+        "Δ vs centralized: accuracy minus the centralized model's, in percentage points. McNemar p: exact two-sided "
+        "p-value of McNemar's test of the model against the centralized one on the same test images (small: "
+        "they err on different images more often than chance explains). "
         f"Paper accuracy: test accuracy reported by {PAPER_CITATION} for the model of that name "
         f"({MISSING} where it reports none).",
         "",
@@ -465,6 +603,9 @@ def _readme(
     ]
     if federated:
         lines += _federation_sections(summary, federated, figures)
+    lines += _calibration_section(summary["models"], analysis.calibration, figures)
+    lines += _cam_section(summary["models"], analysis.cam, figures, provenance)
+    lines += _audit_section(summary, analysis.audit)
     for name, model in summary["models"].items():
         lines += [f"## {name}", "", f"Evaluated on {evaluations[name]['n']} images.", ""]
         if "federation" in model:
@@ -492,16 +633,29 @@ def _readme(
 def _comparison_table(summary: dict) -> list[str]:
     """One row per model: overall scores, recall per class, the gap to centralized and the paper's accuracy."""
     classes = list(dict.fromkeys(name for model in summary["models"].values() for name in model["per_class"]))
-    header = ["Model", "Accuracy", "Balanced accuracy", "Macro-F1"]
-    header += [f"{name} recall" for name in classes] + ["Δ vs centralized (points)", "Paper accuracy"]
+    header = ["Model", "Accuracy (95% CI)", "Balanced accuracy (95% CI)", "Macro-F1 (95% CI)"]
+    header += [f"{name} recall" for name in classes]
+    header += ["Δ vs centralized (points)", "McNemar p vs centralized", "Paper accuracy"]
     centralized = summary["models"].get(CENTRALIZED)
     rows = []
     for name, model in summary["models"].items():
         recalls = [_recall(model["per_class"].get(cls)) for cls in classes]
-        scores = [_percent(model[key]) for key in ("accuracy", "balanced_accuracy", "macro_f1")]
+        scores = [_with_ci(model[key], model["ci"][key]) for key in METRIC_NAMES]
         gap = MISSING if centralized is None or name == CENTRALIZED else _points(model["accuracy"] - centralized["accuracy"])
-        rows.append([name, *scores, *recalls, gap, _percent(summary["paper"].get(name))])
+        mcnemar = model.get("mcnemar_vs_centralized")
+        p_value = MISSING if mcnemar is None else _p_value(mcnemar["p_value"])
+        rows.append([name, *scores, *recalls, gap, p_value, _percent(summary["paper"].get(name))])
     return _markdown_table(header, rows)
+
+
+def _with_ci(value: float, ci: dict) -> str:
+    """A share in percent with its confidence interval, e.g. ``98.86% (97.7–99.5)``."""
+    return f"{_percent(value)} ({100 * ci['low']:.1f}–{100 * ci['high']:.1f})"
+
+
+def _p_value(value: float) -> str:
+    """A p-value with three significant digits, ``< 0.001`` below that."""
+    return "< 0.001" if value < 1e-3 else f"{value:.3g}"
 
 
 def _run_legend(federated: dict[str, _FederatedRun]) -> list[str]:
@@ -646,6 +800,124 @@ def _communication_table(models: dict, names: list[str]) -> list[str]:
     return _markdown_table(header, rows)
 
 
+def _calibration_section(models: dict, calibrations: dict[str, dict], figures: dict[str, str]) -> list[str]:
+    """ECE, MCE, Brier and NLL before and after temperature scaling, how T was fitted, and reliability diagrams."""
+    n_bins = next(iter(calibrations.values()))["bins"]
+    header = ["Model", "ECE", "MCE", "Brier", "NLL", "Temperature T", "T fitted on"]
+    rows = []
+    for name, calibration in calibrations.items():
+        scores = models[name]["calibration"]
+        rows.append([name, *(f"{scores[key]:.4f} → {scores['after_scaling'][key]:.4f}" for key in _CALIBRATION_SCORES),
+                     f"{scores['temperature']:.3f}", _temperature_fit(calibration["temperature_fit"])])
+    lines = [
+        "## Calibration",
+        "",
+        f"Test split, before → after temperature scaling (probabilities softmax(logits / T)). ECE and MCE: expected "
+        f"and maximum gap between confidence and accuracy of the top label over {n_bins} equal-width confidence bins; "
+        "Brier score and NLL (negative log-likelihood) of the full probability vector. Lower is better for all four. "
+        "T minimises the NLL on validation data; where that fit runs into the search bound (e.g. validation data "
+        "without an error), T = 1 is applied instead. How each model's T was fitted:",
+        "",
+        *(f"- {scheme}: {', '.join(f'`{name}`' for name in names)}" for scheme, names in _fit_schemes(calibrations).items()),
+        "",
+        *_markdown_table(header, rows),
+        "",
+    ]
+    for name in calibrations:
+        if f"reliability:{name}" in figures:
+            lines += [f"![Reliability diagram of {name}, before and after temperature scaling]"
+                      f"({figures[f'reliability:{name}']})", ""]
+    return lines
+
+
+def _fit_schemes(calibrations: dict[str, dict]) -> dict[str, list[str]]:
+    """Temperature-fitting scheme (as the calibrate stage describes it) -> the models fitted that way."""
+    schemes: dict[str, list[str]] = {}
+    for name, calibration in calibrations.items():
+        schemes.setdefault(calibration["temperature_fit"]["scheme"], []).append(name)
+    return schemes
+
+
+def _temperature_fit(fit: dict) -> str:
+    """Where a model's temperature was fitted, e.g. ``3 sites' local validation parts, 120 images``."""
+    where = (f"{_count(len(fit['sites']), 'site')}' local validation parts" if "sites" in fit
+             else "global validation split")
+    bound = f"; fit at the search bound (T {fit['fitted_temperature']:.3g}), so not scaled" if fit.get("at_bound") else ""
+    return f"{where}, {fit['n_val']} images{bound}"
+
+
+def _cam_section(models: dict, cams: dict[str, dict], figures: dict[str, str], provenance: DataProvenance) -> list[str]:
+    """The randomisation-test similarity per method and model, two panel grids and the images' source."""
+    first = next(iter(cams.values()))
+    methods = first["methods"]
+    rows = [[name, *(_decimal(models[name]["cam_randomisation_similarity"].get(method), digits=2) for method in methods)]
+            for name in cams]
+    shown = next(iter(cams))
+    source = ("Images: procedurally generated (synthetic data)." if provenance.is_synthetic
+              else f"Images: {DATASET_CITATION}.")
+    return [
+        "## Grad-CAM",
+        "",
+        f"Class-activation maps (pytorch-grad-cam) of the predicted class on the `{first['target_layer']}` layer's "
+        f"output. Model-parameter randomisation test: {first['randomisation']['measure']} between the trained model "
+        f"and a {first['randomisation']['variant']} of it, over {first['randomisation']['n_images']} test images. "
+        "Near 0: the maps depend on the learned weights; near 1: they would look the same untrained, so they do not "
+        f"explain the model ({MISSING}: undefined, e.g. constant maps).",
+        "",
+        *_markdown_table(["Model", *methods], rows),
+        "",
+        f"Panels of `{shown}` (each row: the test image, then one overlay per method; true and predicted class and "
+        "confidence above it). Misclassified test images, most confident first:",
+        "",
+        f"![Grad-CAM panels of misclassified test images, {shown}]({figures['cam:errors']})",
+        "",
+        "Correctly classified test images of one class, most confident first:",
+        "",
+        f"![Grad-CAM panels of correctly classified test images, {shown}]({figures['cam:correct']})",
+        "",
+        source,
+        "",
+    ]
+
+
+def _audit_section(summary: dict, audit: dict) -> list[str]:
+    """Accuracy of linear models on trivial cues next to the CNN's and the majority-class baseline."""
+    cnn_name = CENTRALIZED if CENTRALIZED in summary["models"] else next(iter(summary["models"]))
+    cnn = summary["models"][cnn_name]
+    rows = [[label, f"{audit['features'][key]['description']} ({audit['features'][key]['count']} features)",
+             _percent(audit[key]["accuracy"]), _percent(audit[key]["balanced_accuracy"])]
+            for key, label in _SHORTCUTS.items()]
+    rows += [["Majority class", "none: always the most frequent training class",
+              _percent(audit["majority_class"]["accuracy"]), _percent(audit["majority_class"]["balanced_accuracy"])],
+             [f"CNN (`{cnn_name}`)", "the whole image", _percent(cnn["accuracy"]), _percent(cnn["balanced_accuracy"])]]
+    return [
+        "## Shortcut audit",
+        "",
+        f"Standardised logistic regressions fitted on the train split ({audit['n_train']} images) using only trivial "
+        f"cues, scored on the test split ({audit['n_test']} images).",
+        "",
+        *_markdown_table(["Predictor", "Features", "Accuracy", "Balanced accuracy"], rows),
+        "",
+        _audit_verdict(audit, cnn["accuracy"]),
+        "",
+    ]
+
+
+def _audit_verdict(audit: dict, cnn_accuracy: float) -> str:
+    """One sentence: how much of the CNN's gain over the majority-class baseline the best trivial cue reaches."""
+    best = max(_SHORTCUTS, key=lambda key: audit[key]["accuracy"])
+    cue, majority = audit[best]["accuracy"], audit["majority_class"]["accuracy"]
+    opening = f"The best trivial cue, {_SHORTCUTS[best].lower()}, reaches {_percent(cue)} accuracy"
+    if cnn_accuracy <= majority:
+        return f"{opening}; the CNN does not beat the majority-class baseline, so the audit cannot say what it relies on."
+    if cue >= cnn_accuracy:
+        return (f"{opening}, as much as the CNN's {_percent(cnn_accuracy)} or more: non-morphological cues (stain, "
+                "background, scale bar) alone could explain the CNN's score, so its accuracy is no evidence that it reads the cells.")
+    share = max(cue - majority, 0.0) / (cnn_accuracy - majority)
+    return (f"{opening}, {share:.0%} of the way from the majority-class baseline to the CNN: the larger this share, "
+            "the more of the task such non-morphological cues (stain, background, scale bar) could explain on their own.")
+
+
 def _byte_range(values: list[float | None]) -> str:
     """Bytes as ``123,456 B``, or ``low–high B`` where the sites differ."""
     present = [round(value) for value in values if value is not None]
@@ -679,8 +951,8 @@ def _recall(scores: dict | None) -> str:
     return MISSING if scores is None or scores["support"] == 0 else _percent(scores["recall"])
 
 
-def _percent(value: float | None) -> str:
-    return MISSING if value is None else f"{100 * value:.2f}%"
+def _percent(value: float | None, digits: int = 2) -> str:
+    return MISSING if value is None else f"{100 * value:.{digits}f}%"
 
 
 def _points(value: float | None, sign: bool = True) -> str:

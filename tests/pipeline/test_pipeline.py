@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 import pytest
 import yaml
+from PIL import Image
 
 from .conftest import run, write_params
 
@@ -28,8 +30,14 @@ def test_snakemake_builds_reruns_only_what_changed(project):
     assert (project / "results/synthetic/benchmarks/train_centralized.tsv").is_file()
     assert (project / "mlflow.db").is_file()
     _check_analysis(project / "results/synthetic", summary["data"]["fingerprint"])
+    _check_report(project / "reports/synthetic", summary)
 
     assert "Nothing to be done" in run([*SNAKEMAKE, "-n"], project).stdout
+    run([*SNAKEMAKE, "--report", "report.html"], project)
+    html = (project / "report.html").read_text(errors="replace")
+    for figure in ("confusion_matrix.png", "heterogeneity.png", "validation_accuracy_per_round.png", "reliability.png",
+                   "errors.png"):
+        assert figure in html, f"snakemake --report lacks {figure}"
 
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["train"]["epochs"] = 1
@@ -60,6 +68,34 @@ def _check_analysis(results, fingerprint: str) -> None:
     assert 0.0 <= audit["border_colour"]["accuracy"] <= 1.0 and 0.0 <= audit["corner_patch"]["accuracy"] <= 1.0
     for record in (statistics, audit):
         assert record["data"]["fingerprint"] == fingerprint
+
+
+REPORT_SECTIONS = ("Comparison", "Heterogeneity of the site partitions", "Validation accuracy per round",
+                   "Fairness across sites", "Communication and cost", "Calibration", "Grad-CAM", "Shortcut audit",
+                   "Reproducibility")
+MODEL_KEYS = {"accuracy", "balanced_accuracy", "macro_f1", "per_class", "ci", "calibration", "cam_randomisation_similarity"}
+
+
+def _check_report(reports, summary: dict) -> None:
+    """README.md has every section in order and every image it links opens; summary.json has the documented keys."""
+    readme = (reports / "README.md").read_text()
+    positions = [readme.index(f"\n## {section}\n") for section in REPORT_SECTIONS]
+    assert positions == sorted(positions), "README sections out of order"
+    assert readme.rstrip().endswith("Sci Rep 16, 9768 (2026)."), "the citations close the report"
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", readme)
+    assert len(images) >= 9  # confusion matrices, heterogeneity, curves, reliability, CAM panels
+    assert len([name for name in images if name.startswith("cam_")]) == 2, "only a few dataset image panels"
+    for name in images:
+        with Image.open(reports / name) as image:
+            image.verify()
+    assert {"dataset", "data", "models", "paper", "audit"} <= summary.keys()
+    assert {"border_colour", "corner_patch", "majority_class"} <= summary["audit"].keys()
+    for name, model in summary["models"].items():
+        assert MODEL_KEYS <= model.keys(), name
+        assert {"ece", "mce", "brier", "nll", "temperature", "after_scaling"} <= model["calibration"].keys()
+        assert all(model["ci"][key].keys() == {"estimate", "low", "high"} for key in ("accuracy", "balanced_accuracy", "macro_f1"))
+        if name != "centralized":
+            assert {"federation", "heterogeneity", "fairness", "mcnemar_vs_centralized"} <= model.keys(), name
 
 
 def test_dvc_repro_reruns_training_not_data(project):

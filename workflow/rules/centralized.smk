@@ -30,7 +30,10 @@ rule evaluate:
     output:
         metrics="results/{dataset}/{model}/eval/metrics.json",
         confusion="results/{dataset}/{model}/eval/confusion_matrix.json",
-        figure="results/{dataset}/{model}/eval/confusion_matrix.png",
+        figure=report(
+            "results/{dataset}/{model}/eval/confusion_matrix.png",
+            caption="../report/confusion.rst", category="Comparison", subcategory="{model}",
+        ),
         predictions="results/{dataset}/{model}/eval/predictions.csv",
     params:
         eval_batch_size=config["train"]["eval_batch_size"],

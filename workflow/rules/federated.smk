@@ -32,7 +32,10 @@ rule partition:
     output:
         partition="results/{dataset}/partitions/sites-{sites}/partition.csv",
         heterogeneity="results/{dataset}/partitions/sites-{sites}/heterogeneity.json",
-        figure="results/{dataset}/partitions/sites-{sites}/heterogeneity.png",
+        figure=report(
+            "results/{dataset}/partitions/sites-{sites}/heterogeneity.png",
+            caption="../report/heterogeneity.rst", category="Federation", subcategory="sites-{sites}",
+        ),
     params:
         partition=partition_settings,
     wildcard_constraints:

@@ -13,9 +13,18 @@ rule report:
             "results/{{dataset}}/partitions/sites-{sites}/heterogeneity.{ext}", sites=REPORT_PARTITIONS, ext=["json", "png"]
         ),
         centralized="results/{dataset}/centralized/training.json",  # its best val accuracy: the curves' reference line
+        calibration=expand(
+            "results/{{dataset}}/{model}/calibration/{file}", model=MODELS, file=["calibration.json", "reliability.png"]
+        ),
+        cam=expand("results/{{dataset}}/{model}/cam/cam.json", model=MODELS),  # its panel grids come with it
+        statistics="results/{dataset}/comparison/statistics.json",
+        audit="results/{dataset}/audit/shortcut.json",
     output:
         summary="reports/{dataset}/summary.json",
         readme="reports/{dataset}/README.md",
+        curves=report(
+            "reports/{dataset}/validation_accuracy_per_round.png", caption="../report/curves.rst", category="Federation"
+        ),
     params:
         paper_accuracy=config["report"]["paper_accuracy"],
         made_by=lambda wildcards: f"snakemake --cores 8 --config dataset={wildcards.dataset}",
