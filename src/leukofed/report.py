@@ -21,7 +21,6 @@ from __future__ import annotations
 import itertools
 import json
 import shutil
-import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from leukofed.evaluation.explain import CAM_FILE, ERRORS_PNG_FILE
 from leukofed.evaluation.metrics import CONFUSION_PNG_FILE, METRICS_FILE
 from leukofed.evaluation.statistics import METRIC_NAMES
 from leukofed.io import atomic_path, read_json, write_json, write_text
+from leukofed.plotting import new_figure, save_png, wrap_title
 from leukofed.provenance import DataProvenance
 
 EVAL_DIR = "eval"
@@ -75,7 +75,6 @@ _HETEROGENEITY_SITE_KEYS = ("n", "n_train", "n_val", "counts", "missing_classes"
 _DIVERGENCES = ("js_divergence", "hellinger", "emd")
 _CLASS_SCORES = ("precision", "recall", "f1", "support")
 _MODEL_DATA_KEYS = ("source", "fingerprint", "n_images")
-_TITLE_CHARS_PER_INCH = 10  # wrap figure titles at about this many characters per inch of width
 _CURVE_MARKERS = ("o", "s", "^", "D", "v", "P")  # a marker per run: overlapping curves stay distinguishable
 _CALIBRATION_KEYS = ("overall", "temperature", "after_scaling", "temperature_fit", "data")
 _CALIBRATION_SCORES = ("ece", "mce", "brier", "nll")
@@ -520,12 +519,9 @@ def plot_validation_curves(
     round's global model is the one the evaluate stage tests.
     """
     # An explicit Agg canvas: no display needed, and pyplot's global backend is left alone.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
 
     width = 12.0  # inches: two panels of a few dozen rounds each, the legend below them
-    figure = Figure(figsize=(width, 5.5), layout="constrained")
-    FigureCanvasAgg(figure)
+    figure = new_figure(width, 5.5)
     full, zoom = figure.subplots(1, 2)
     last_round = max(rounds[-1] for rounds, _, _ in curves.values())
     zoom_from = last_round // 2 + 1
@@ -535,9 +531,8 @@ def plot_validation_curves(
     zoom.set_title(f"Rounds {zoom_from}–{last_round}, zoomed in")
     handles, names = full.get_legend_handles_labels()
     figure.legend(handles, names, loc="outside lower center", frameon=False, title="★ best round (the tested model)")
-    figure.suptitle(textwrap.fill(title, width=int(_TITLE_CHARS_PER_INCH * width)), fontsize="medium")
-    with atomic_path(path, suffix=".png") as tmp:
-        figure.savefig(tmp, format="png")
+    figure.suptitle(wrap_title(title, width), fontsize="medium")
+    save_png(figure, path)
 
 
 def _draw_curves(

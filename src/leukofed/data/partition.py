@@ -14,7 +14,6 @@ a class is 0 never receives that class, so label skew can be total.
 
 from __future__ import annotations
 
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +24,7 @@ from scipy.stats import wasserstein_distance
 from leukofed.config import PartitionParams
 from leukofed.errors import ConfigError, DataError
 from leukofed.io import atomic_path, write_json
+from leukofed.plotting import new_figure, save_png, wrap_title
 from leukofed.provenance import DataProvenance
 
 SITE_PARTS = ("train", "val")
@@ -33,7 +33,6 @@ PARTITION_COLUMNS = ("row", "relpath", "label", "group", "site", "part")
 PARTITION_FILE = "partition.csv"
 HETEROGENEITY_FILE = "heterogeneity.json"
 HETEROGENEITY_PNG_FILE = "heterogeneity.png"
-_TITLE_CHARS_PER_INCH = 10  # wrap figure titles at about this many characters per inch of width
 
 
 def share_table(params: PartitionParams, n_sites: int, classes: list[str], rng: np.random.Generator) -> np.ndarray:
@@ -302,25 +301,21 @@ def plot_heterogeneity(stats: dict, classes: list[str], path: Path, title: str) 
         Figure title (say there if the data is synthetic).
     """
     # An explicit Agg canvas: no display needed, and pyplot's global backend is left alone.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
 
     names = [f"site {entry['site']}" for entry in stats["sites"]]
     counts = np.array([[entry["counts"][label] for label in classes] for entry in stats["sites"]], dtype=float)
     pooled = np.array([stats["pooled"][label] for label in classes], dtype=float)
     shares = np.vstack([counts / counts.sum(axis=1, keepdims=True), pooled / pooled.sum()])
     width = 4.0 + 1.2 * len(names)  # inches: room for one bar per site in each panel
-    figure = Figure(figsize=(width, 4.5), layout="constrained")
-    FigureCanvasAgg(figure)
+    figure = new_figure(width, 4.5)
     count_axes, share_axes = figure.subplots(1, 2)
     _stacked_bars(count_axes, names, counts, classes)
     count_axes.set(title="Images per site", xlabel="Site", ylabel="Images (local train + val)")
     _stacked_bars(share_axes, [*names, "pooled"], shares, classes)
     share_axes.set(title="Class mix per site", xlabel="Site", ylabel="Share of the site's images", ylim=(0, 1))
     share_axes.legend(title="Class", loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    figure.suptitle(textwrap.fill(title, width=int(_TITLE_CHARS_PER_INCH * width)), fontsize="medium")
-    with atomic_path(path, suffix=".png") as tmp:
-        figure.savefig(tmp, format="png")
+    figure.suptitle(wrap_title(title, width), fontsize="medium")
+    save_png(figure, path)
 
 
 def _stacked_bars(axes, names: list[str], values: np.ndarray, classes: list[str]) -> None:

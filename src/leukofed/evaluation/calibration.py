@@ -24,7 +24,6 @@ the federation there. Each site's own fit is reported beside it as a heterogenei
 
 from __future__ import annotations
 
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -33,14 +32,14 @@ from scipy.special import log_softmax, softmax
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import brier_score_loss, log_loss
 
-from leukofed.io import atomic_path, write_json
+from leukofed.io import write_json
+from leukofed.plotting import new_figure, save_png, wrap_title
 from leukofed.provenance import DataProvenance
 
 CALIBRATION_FILE = "calibration.json"
 RELIABILITY_PNG_FILE = "reliability.png"
 CONFIDENCE_PNG_FILE = "confidence.png"
 
-_TITLE_CHARS_PER_INCH = 10  # wrap figure titles at about this many characters per inch of width
 _BOUND_TOLERANCE = 1e-3  # in log T: the bounded search ends within ~1e-5 of a bound it runs into
 
 
@@ -252,12 +251,9 @@ def plot_reliability(y_true: np.ndarray, before: np.ndarray, after: np.ndarray, 
         Where the PNG goes (written atomically).
     title : str
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
 
     y_true = np.asarray(y_true)
-    figure = Figure(figsize=(15, 5), layout="constrained")
-    FigureCanvasAgg(figure)
+    figure = new_figure(15, 5)
     top_label, per_class = figure.subplots(1, 2, width_ratios=(1, 1))
     width = 1.0 / n_bins
     for proba, label, colour, offset in ((before, "before scaling", "tab:blue", 0.0), (after, "after scaling", "tab:orange", 0.5)):
@@ -283,11 +279,8 @@ def plot_reliability(y_true: np.ndarray, before: np.ndarray, after: np.ndarray, 
 
 def plot_confidence(y_true: np.ndarray, before: np.ndarray, after: np.ndarray, n_bins: int, path: Path, title: str) -> None:
     """Histograms of the confidence of correct and of incorrect predictions, before and after scaling, as PNG."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(12, 4.5), layout="constrained")
-    FigureCanvasAgg(figure)
+    figure = new_figure(12, 4.5)
     for axes, proba, when in zip(figure.subplots(1, 2, sharey=True), (before, after), ("before", "after"), strict=True):
         histograms = confidence_histograms(y_true, proba, n_bins)
         lefts, width = np.asarray(histograms["edges"][:-1]), 1.0 / n_bins
@@ -304,9 +297,8 @@ def plot_confidence(y_true: np.ndarray, before: np.ndarray, after: np.ndarray, n
 
 def _save(figure, path: Path, title: str) -> None:
     width = figure.get_figwidth()
-    figure.suptitle(textwrap.fill(title, width=int(_TITLE_CHARS_PER_INCH * width)), fontsize="medium")
-    with atomic_path(path, suffix=".png") as tmp:
-        figure.savefig(tmp, format="png")
+    figure.suptitle(wrap_title(title, width), fontsize="medium")
+    save_png(figure, path)
 
 
 def write_calibration(

@@ -28,7 +28,6 @@ and one overlay per method, titled with the true and predicted class and the con
 from __future__ import annotations
 
 import copy
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +36,8 @@ from scipy.stats import spearmanr
 from torch import nn
 
 from leukofed.config import CamParams
-from leukofed.io import atomic_path, write_json
+from leukofed.io import write_json
+from leukofed.plotting import new_figure, save_png, wrap_title
 from leukofed.provenance import DataProvenance
 from leukofed.training import images_to_tensor
 
@@ -53,7 +53,6 @@ CAM_CLASS_NAMES = {
     "eigencam": "EigenCAM",
     "scorecam": "ScoreCAM",
 }
-_TITLE_CHARS_PER_INCH = 10  # wrap figure titles at about this many characters per inch of width
 _PANEL_INCHES = 2.2  # side of one image in a panel grid
 
 
@@ -172,14 +171,11 @@ def plot_panels(images: np.ndarray, cams: dict[str, np.ndarray], captions: list[
     empty_message : str
         Shown instead of panels when ``images`` is empty, so the file always exists.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
 
     columns = 1 + len(cams)
     width = max(_PANEL_INCHES * columns, 6.0)
-    figure = Figure(figsize=(width, _PANEL_INCHES * max(len(images), 1) + 0.8), layout="constrained")
-    FigureCanvasAgg(figure)
-    figure.suptitle(textwrap.fill(title, width=int(_TITLE_CHARS_PER_INCH * width)), fontsize="medium")
+    figure = new_figure(width, _PANEL_INCHES * max(len(images), 1) + 0.8)
+    figure.suptitle(wrap_title(title, width), fontsize="medium")
     if len(images) == 0:
         axes = figure.add_subplot()
         axes.axis("off")
@@ -195,8 +191,7 @@ def plot_panels(images: np.ndarray, cams: dict[str, np.ndarray], captions: list[
                 if row == 0:
                     axes.set_title(name, fontsize="medium")
             grid[row][0].set_ylabel(caption, fontsize="small")
-    with atomic_path(path, suffix=".png") as tmp:
-        figure.savefig(tmp, format="png")
+    save_png(figure, path)
 
 
 def explain_model(

@@ -7,7 +7,6 @@ values that serialise to JSON.
 
 from __future__ import annotations
 
-import textwrap
 import warnings
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from sklearn.metrics import (
 )
 
 from leukofed.io import atomic_path, write_json
+from leukofed.plotting import new_figure, save_png, wrap_title
 from leukofed.provenance import DataProvenance
 
 METRICS_FILE = "metrics.json"
@@ -30,7 +30,6 @@ CONFUSION_JSON_FILE = "confusion_matrix.json"
 CONFUSION_PNG_FILE = "confusion_matrix.png"
 PREDICTIONS_FILE = "predictions.csv"
 
-_TITLE_CHARS_PER_INCH = 10  # wrap the figure title at about this many characters per inch of width
 
 
 def classification_metrics(y_true: np.ndarray, proba: np.ndarray, classes: list[str]) -> dict:
@@ -147,8 +146,6 @@ def plot_confusion_matrix(matrix: list[list[int]], classes: list[str], path: Pat
     large class does not drown out the errors of a small one.
     """
     # Draw on an explicit Agg canvas: no display needed, and pyplot's global backend is left alone.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
 
     counts = np.asarray(matrix, dtype=int)
     n_classes = len(classes)
@@ -160,8 +157,7 @@ def plot_confusion_matrix(matrix: list[list[int]], classes: list[str], path: Pat
 
     side = 2.5 + 0.9 * n_classes  # inches: room for the cell text and the tick labels
     width = side + 1.0  # and the colour bar
-    figure = Figure(figsize=(width, side), layout="constrained")
-    FigureCanvasAgg(figure)
+    figure = new_figure(width, side)
     axes = figure.add_subplot()
     image = axes.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0)
     figure.colorbar(image, ax=axes, label="Share of the true class")
@@ -173,7 +169,7 @@ def plot_confusion_matrix(matrix: list[list[int]], classes: list[str], path: Pat
         xlabel="Predicted class",
         ylabel="True class",
     )
-    axes.set_title(textwrap.fill(title, width=int(_TITLE_CHARS_PER_INCH * width)), fontsize="medium")
+    axes.set_title(wrap_title(title, width), fontsize="medium")
     for row, column in np.ndindex(counts.shape):
         share = shares[row, column]
         axes.text(
@@ -184,8 +180,7 @@ def plot_confusion_matrix(matrix: list[list[int]], classes: list[str], path: Pat
             va="center",
             color="white" if share > 0.5 else "black",  # legible on dark and light cells
         )
-    with atomic_path(path, suffix=".png") as tmp:
-        figure.savefig(tmp, format="png")
+    save_png(figure, path)
 
 
 def write_evaluation(
