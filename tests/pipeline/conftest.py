@@ -58,7 +58,8 @@ def project(tmp_path: Path) -> Path:
     """A copy of the workflow (Snakefile, rules, dvc.yaml) with tiny params, as its own git + DVC repo."""
     for name in ("Snakefile", "dvc.yaml"):
         shutil.copy(REPO / name, tmp_path / name)
-    shutil.copytree(REPO / "workflow", tmp_path / "workflow")
+    for folder in ("workflow", "profiles"):
+        shutil.copytree(REPO / folder, tmp_path / folder)
     shutil.copytree(REPO / "src" / "leukofed", tmp_path / "src" / "leukofed", ignore=shutil.ignore_patterns("__pycache__"))
     write_params(tmp_path, tiny_params())
     return tmp_path
