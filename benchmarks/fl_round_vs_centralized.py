@@ -30,7 +30,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 from torch import nn
 
 from machine import describe
@@ -40,7 +39,7 @@ from leukofed.config import FederationRun, Params, load_params
 from leukofed.data.cache import load_cache
 from leukofed.data.partition import PARTITION_FILE, read_partition
 from leukofed.errors import ConfigError, DataError, LeukofedError
-from leukofed.federation.engine import SiteData, centralized_equivalent_seconds, run_federation
+from leukofed.federation.engine import SiteData, centralized_equivalent_seconds, run_federation, sites_from_partition
 from leukofed.io import write_json
 from leukofed.model import build_model
 from leukofed.training import configure_torch
@@ -109,15 +108,7 @@ def prepare_inputs(args: argparse.Namespace, params: Params, dataset: str, n_sit
 def load_sites(cache_dir: Path, partition_path: Path, n_sites: int) -> tuple[list[SiteData], int, int]:
     """Each site's local train and validation images, as the federate stage loads them; also classes and image size."""
     cache = load_cache(cache_dir)
-    table = read_partition(partition_path)
-    if sorted(set(table["site"])) != list(range(1, n_sites + 1)):
-        raise DataError(f"{partition_path}: holds sites {sorted(set(table['site']))}, not 1..{n_sites}; pass the {n_sites}-site partition")
-    labels = cache.index["label_index"].to_numpy()
-    sites = []
-    for number in range(1, n_sites + 1):
-        rows = {part: table.loc[(table["site"] == number) & (table["part"] == part), "row"].to_numpy() for part in ("train", "val")}
-        sites.append(SiteData(number, np.asarray(cache.images[rows["train"]]), labels[rows["train"]],
-                              np.asarray(cache.images[rows["val"]]), labels[rows["val"]]))
+    sites = sites_from_partition(cache, read_partition(partition_path), partition_path, n_sites)
     return sites, len(cache.classes), int(cache.meta["image_size"])
 
 

@@ -245,6 +245,7 @@ def federate(params: Params, dataset: str, run_name: str, cache_dir: Path, parti
         remove_checkpoint,
         round_table,
         run_federation,
+        sites_from_partition,
         summarize,
     )
     from leukofed.io import read_json
@@ -254,7 +255,7 @@ def federate(params: Params, dataset: str, run_name: str, cache_dir: Path, parti
 
     run = _federation_run(params, run_name)
     cache = load_cache(cache_dir)
-    sites = _federated_sites(cache, read_partition(partition_path), partition_path, run.sites)
+    sites = sites_from_partition(cache, read_partition(partition_path), partition_path, run.sites)
     configure_torch(params.runtime.threads, params.train.seed)
     model = build_model(params.model, len(cache.classes))
     initial = copy.deepcopy(model)
@@ -317,24 +318,6 @@ def _federation_run(params: Params, run_name: str) -> FederationRun:
             f"federate: '{run_name}' is not an entry of federation.runs ({sorted(params.federation.runs)}); add it there"
         )
     return params.federation.runs[run_name]
-
-
-def _federated_sites(cache, table: pd.DataFrame, partition_path: Path, n_sites: int) -> list:
-    """Each site's local train and validation images and labels, from a partition of this cache."""
-    from leukofed.federation.engine import SiteData
-
-    rows = table["row"].to_numpy()
-    if rows.max(initial=-1) >= len(cache.index) or not (cache.index["relpath"].to_numpy()[rows] == table["relpath"].to_numpy()).all():
-        raise DataError(f"{partition_path}: does not match the cache it is used with; rerun the partition stage")
-    if sorted(set(table["site"])) != list(range(1, n_sites + 1)):
-        raise DataError(f"{partition_path}: holds sites {sorted(set(table['site']))}, not 1..{n_sites}; rerun the partition stage")
-    labels = cache.index["label_index"].to_numpy()
-    sites = []
-    for number in range(1, n_sites + 1):
-        parts = {part: table.loc[(table["site"] == number) & (table["part"] == part), "row"].to_numpy() for part in ("train", "val")}
-        sites.append(SiteData(number, np.asarray(cache.images[parts["train"]]), labels[parts["train"]],
-                              np.asarray(cache.images[parts["val"]]), labels[parts["val"]]))
-    return sites
 
 
 def _round_metrics(record: dict) -> dict[str, float]:

@@ -56,6 +56,7 @@ from leukofed.federation.aggregation import (
     state_nbytes,
     weighted_average,
 )
+from leukofed.errors import DataError
 from leukofed.io import atomic_path
 from leukofed.training import CheckpointError, NonFiniteLossError, predict_proba, train_model
 
@@ -74,6 +75,32 @@ class SiteData:
     train_labels: np.ndarray
     val_images: np.ndarray
     val_labels: np.ndarray
+
+
+def sites_from_partition(cache, table: pd.DataFrame, partition_path: Path, n_sites: int) -> list[SiteData]:
+    """Each site's local train and validation images and labels, from a partition (``partition.csv``) of ``cache``.
+
+    Raises
+    ------
+    DataError
+        If the partition was made from another cache or does not hold sites ``1..n_sites``.
+    """
+    rows = table["row"].to_numpy()
+    relpaths = cache.index["relpath"].to_numpy()
+    if rows.max(initial=-1) >= len(cache.index) or not (relpaths[rows] == table["relpath"].to_numpy()).all():
+        raise DataError(f"{partition_path}: does not match the cache it is used with; rerun the partition stage")
+    if sorted(set(table["site"])) != list(range(1, n_sites + 1)):
+        raise DataError(
+            f"{partition_path}: holds sites {sorted(set(table['site']))}, not 1..{n_sites}; rerun the partition stage"
+        )
+    labels = cache.index["label_index"].to_numpy()
+    sites = []
+    for number in range(1, n_sites + 1):
+        at_site = table["site"] == number
+        train, val = (table.loc[at_site & (table["part"] == part), "row"].to_numpy() for part in ("train", "val"))
+        sites.append(SiteData(number, np.asarray(cache.images[train]), labels[train],
+                              np.asarray(cache.images[val]), labels[val]))
+    return sites
 
 
 @dataclass
