@@ -20,7 +20,6 @@ from leukofed.evaluation.metrics import write_evaluation
 from leukofed.evaluation.statistics import compare_models
 from leukofed.federation.engine import (
     SiteData,
-    centralized_equivalent_seconds,
     round_table,
     run_federation,
     summarize,
@@ -268,13 +267,8 @@ def _federate(out_dir: Path, name: str, partition: pd.DataFrame, provenance: Dat
     sites = _sites(partition, np.random.default_rng(n_sites))
     configure_torch(THREADS, seed=0)
     model = build_model(MODEL, len(CLASSES))
-    initial = build_model(MODEL, len(CLASSES))
-    initial.load_state_dict(model.state_dict())
     result = run_federation(model, sites, run, FEDERATION, TRAIN, checkpoint_dir=out_dir / "checkpoint", data_key=name)
     summary = summarize(result, sites)
-    centralized = centralized_equivalent_seconds(initial, sites, TRAIN, FEDERATION.local_epochs)
-    summary["timing"] |= {"centralized_equivalent": centralized,
-                          "round_to_centralized": summary["timing"]["round_median"] / centralized}
     settings = {"run": run.model_dump(), "federation": FEDERATION.model_dump(exclude={"runs"}),
                 "model": MODEL.model_dump(), "train": TRAIN.model_dump()}
     record = {"model": name, "data": provenance.to_dict(), **summary, "heterogeneity": heterogeneity["summary"],

@@ -308,7 +308,6 @@ def _federation_entry(run: _FederatedRun) -> dict:
         "bytes_per_round": _bytes_per_round(record),
         "wall_seconds": float(run.rounds["seconds"].sum()),
         "round_seconds_median": record["timing"]["round_median"],
-        "round_to_centralized": record["timing"].get("round_to_centralized"),
     }
 
 
@@ -713,8 +712,8 @@ def _federation_sections(summary: dict, federated: dict[str, _FederatedRun], fig
         "",
         "Payload of the model entries exchanged (tensor bytes; 1 MB = 10⁶ bytes). "
         "Per site and round: mean over the rounds the site took part in. Wall time: the sum of the rounds "
-        "(local training, aggregation, server evaluation); round vs centralized: median round time over the "
-        "time centralized training takes for the same images and epochs, measured in the same run.",
+        "(local training, aggregation, server evaluation). A round's cost against the same centralized "
+        "training is measured by `benchmarks/fl_round_vs_centralized.py` (repeated, interleaved).",
         "",
         *_communication_table(models, list(federated)),
         "",
@@ -779,7 +778,7 @@ def _fairness_table(models: dict, names: list[str]) -> list[str]:
 def _communication_table(models: dict, names: list[str]) -> list[str]:
     """One row per federated model: bytes per site and round, totals and wall time."""
     header = ["Model", "Sites", "Rounds", "Sent per site per round", "Received per site per round",
-              "Total sent (MB)", "Total received (MB)", "Total (MB)", "Wall time", "Round vs centralized"]
+              "Total sent (MB)", "Total received (MB)", "Total (MB)", "Wall time"]
     rows = []
     for name in names:
         federation = models[name]["federation"]
@@ -790,7 +789,6 @@ def _communication_table(models: dict, names: list[str]) -> list[str]:
             _byte_range([entry["sent"] for entry in per_round]), _byte_range([entry["received"] for entry in per_round]),
             _megabytes(federation["bytes_sent"]), _megabytes(federation["bytes_received"]), _megabytes(total),
             f"{_duration(federation['wall_seconds'])} ({_duration(federation['round_seconds_median'])} per round, median)",
-            MISSING if federation["round_to_centralized"] is None else f"{federation['round_to_centralized']:.2f}×",
         ])
     return _markdown_table(header, rows)
 

@@ -232,16 +232,14 @@ def federate(params: Params, dataset: str, run_name: str, cache_dir: Path, parti
 
     Writes ``model.pt`` (the best round's global model, by global validation accuracy: what the
     evaluate stage tests), ``final_model.pt`` (the last round's), ``rounds.csv`` and
-    ``federation.json`` (fairness, bytes, faults, per-site figures, heterogeneity, and the round time
-    against the same amount of centralized training).
+    ``federation.json`` (fairness, bytes, faults, per-site figures, heterogeneity, round times). The
+    round time against the same centralized training is measured by ``benchmarks/fl_round_vs_centralized.py``.
     """
-    import copy
     import hashlib
 
     from leukofed.data.cache import load_cache
     from leukofed.data.partition import HETEROGENEITY_FILE, read_partition
     from leukofed.federation.engine import (
-        centralized_equivalent_seconds,
         remove_checkpoint,
         round_table,
         run_federation,
@@ -258,7 +256,6 @@ def federate(params: Params, dataset: str, run_name: str, cache_dir: Path, parti
     sites = sites_from_partition(cache, read_partition(partition_path), partition_path, run.sites)
     configure_torch(params.runtime.threads, params.train.seed)
     model = build_model(params.model, len(cache.classes))
-    initial = copy.deepcopy(model)
     settings = {"run": run.model_dump(), "federation": params.federation.model_dump(exclude={"runs"}),
                 "model": params.model.model_dump(), "train": params.train.model_dump()}
     tags = {**_run_tags(dataset, cache.provenance, run_name), "strategy": run.strategy, "sites": str(run.sites)}
@@ -273,9 +270,6 @@ def federate(params: Params, dataset: str, run_name: str, cache_dir: Path, parti
         )
         _log_site_runs(tracker, result.records, dataset, run_name)
         summary = summarize(result, sites)
-        centralized = centralized_equivalent_seconds(initial, sites, params.train, params.federation.local_epochs)
-        summary["timing"] |= {"centralized_equivalent": centralized,
-                              "round_to_centralized": summary["timing"]["round_median"] / centralized}
         record = {
             "model": run_name,
             "data": cache.provenance.to_dict(),
@@ -305,8 +299,7 @@ def federate(params: Params, dataset: str, run_name: str, cache_dir: Path, parti
     remove_checkpoint(out_dir / FEDERATION_CHECKPOINT_DIR)
     return (
         f"federated {run_name} ({run.strategy}, {run.sites} sites, {summary['rounds']} rounds) in "
-        f"{summary['timing']['round_median']:.1f} s per round ({summary['timing']['round_to_centralized']:.2f}x the same "
-        f"centralized training): best global val accuracy {summary['best']['val_accuracy']:.4f} at round "
+        f"{summary['timing']['round_median']:.1f} s per round: best global val accuracy {summary['best']['val_accuracy']:.4f} at round "
         f"{summary['best_round']}, Jain fairness {summary['fairness']['best']['jain']:.3f}, "
         f"{(summary['bytes']['sent'] + summary['bytes']['received']) / 1e6:.1f} MB exchanged; registered version {version}"
     )
