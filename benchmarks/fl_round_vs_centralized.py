@@ -33,6 +33,7 @@ from pathlib import Path
 from torch import nn
 
 from machine import describe
+from workload import add_quiet_argument, wait_until_quiet
 
 from leukofed import stages
 from leukofed.config import FederationRun, Params, load_params
@@ -63,6 +64,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, help="torch threads (default: runtime.threads)")
     parser.add_argument("--repeats", type=int, default=3, help="timed repetitions of each (default: 3)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed repetitions of each first (default: 1)")
+    add_quiet_argument(parser)
     parser.add_argument("--note", default="", help="free text recorded with the numbers (e.g. what else ran)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"result JSON (default: {DEFAULT_OUT})")
     return parser.parse_args(argv)
@@ -147,15 +149,26 @@ def time_centralized(work: Workload) -> float:
     return centralized_equivalent_seconds(work.fresh_model(), work.sites, params.train, params.federation.local_epochs)
 
 
-def measure(work: Workload, repeats: int, warmup: int, workdir: Path) -> list[dict]:
-    """Interleaved repetitions; the order alternates so neither side always runs on a warmer machine."""
+def measure(work: Workload, repeats: int, warmup: int, workdir: Path, max_busy: float = 1.0) -> list[dict]:
+    """Interleaved repetitions; the order alternates so neither side always runs on a warmer machine.
+
+    Each side starts once other processes keep the CPUs at most ``max_busy`` busy (1: no wait).
+    """
+    def round_() -> dict:
+        wait_until_quiet(max_busy)
+        return time_round(work, workdir)
+
+    def centralized_() -> float:
+        wait_until_quiet(max_busy)
+        return time_centralized(work)
+
     samples = []
     for index in range(warmup + repeats):
         federated_first = index % 2 == 0
         if federated_first:
-            federated_round, centralized = time_round(work, workdir), time_centralized(work)
+            federated_round, centralized = round_(), centralized_()
         else:
-            centralized, federated_round = time_centralized(work), time_round(work, workdir)
+            centralized, federated_round = centralized_(), round_()
         sample = {"federated_first": federated_first, "federated_round": federated_round, "centralized_seconds": centralized}
         sample["ratio"] = sample["federated_round"]["wall_seconds"] / sample["centralized_seconds"]
         if index >= warmup:
@@ -193,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
             sites, n_classes, image_size = load_sites(cache, partition, run.sites)
             machine_before = describe(threads)
             work = Workload(params, run, sites, n_classes, threads)
-            samples = measure(work, args.repeats, args.warmup, Path(tmp))
+            samples = measure(work, args.repeats, args.warmup, Path(tmp), args.max_busy)
             built = args.project is None and args.cache is None
     except LeukofedError as error:
         print(f"fl_round_vs_centralized: error: {error}", file=sys.stderr)
@@ -221,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
             "threads": threads,
             "repeats": args.repeats,
             "warmup": args.warmup,
+            "max_busy": args.max_busy,
         },
         "samples": samples,
         "summary": summarise(samples),

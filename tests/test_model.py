@@ -77,3 +77,23 @@ def test_width_scales_the_model(default_params):
     default = count_parameters(build_model(default_params, N_CLASSES))
 
     assert small < default
+
+
+@pytest.mark.parametrize("norm", ["batch", "group"])
+def test_pooling_before_relu_gives_the_same_outputs_and_gradients(default_params, norm):
+    """Each conv block pools before its ReLU (cheaper); the block must equal conv -> norm -> ReLU -> pool."""
+    torch.manual_seed(0)
+    block = build_model(_variant(default_params, norm=norm), N_CLASSES).features[0]
+    conv, norm_layer, pool, relu = block
+    assert isinstance(pool, nn.MaxPool2d) and isinstance(relu, nn.ReLU)
+    x = torch.randn(4, 3, 16, 16)
+    x[:, :, :6, :6] = 0.5  # a constant patch: pooling windows of equal values (ties) after the conv
+    reference = nn.Sequential(conv, norm_layer, nn.ReLU(), nn.MaxPool2d(pool.kernel_size))
+
+    out = block(x)
+    gradients = torch.autograd.grad(out.square().sum(), list(block.parameters()))
+    expected = reference(x)
+    expected_gradients = torch.autograd.grad(expected.square().sum(), list(reference.parameters()))
+
+    assert torch.equal(out, expected)
+    assert all(torch.equal(got, want) for got, want in zip(gradients, expected_gradients, strict=True))

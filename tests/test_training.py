@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import resource
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +22,10 @@ from leukofed.training import (
     images_to_tensor,
     load_checkpoint,
     predict_proba,
+    reuse_freed_memory,
     save_checkpoint,
     train_model,
+    training_batch,
 )
 
 PARAMS_FILE = Path(__file__).resolve().parents[1] / "params.yaml"
@@ -97,6 +101,48 @@ def test_augment_preserves_shape_and_range_and_is_deterministic(repo_params):
     assert not torch.equal(first, batch)
 
 
+def test_augmenting_uint8_pixels_equals_augmenting_their_floats(repo_params):
+    images = np.random.default_rng(0).integers(0, 256, (8, SIZE, SIZE, 3), dtype=np.uint8)
+    pixels = torch.from_numpy(images).permute(0, 3, 1, 2)
+    before = pixels.clone()
+
+    from_uint8 = augment_batch(pixels, repo_params.train.augment, torch.Generator().manual_seed(5))
+    from_float = augment_batch(images_to_tensor(images), repo_params.train.augment, torch.Generator().manual_seed(5))
+
+    assert from_uint8.dtype == torch.float32
+    assert torch.equal(from_uint8, from_float)
+    assert torch.equal(pixels, before)
+
+
+def test_training_batch_is_the_augmented_selection_in_channels_last(repo_params):
+    images = np.random.default_rng(1).integers(0, 256, (10, SIZE, SIZE, 3), dtype=np.uint8)
+    index = torch.tensor([7, 2, 5])
+
+    batch = training_batch(images, index, repo_params.train.augment, torch.Generator().manual_seed(2), torch.device("cpu"))
+    expected = augment_batch(images_to_tensor(images[[7, 2, 5]]), repo_params.train.augment, torch.Generator().manual_seed(2))
+
+    assert batch.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(batch, expected)
+
+
+def test_colour_jitter_blends_towards_the_luma_as_torchvision_does():
+    batch = torch.rand(6, 3, SIZE, SIZE)
+    params = AugmentParams(**{**NO_AUGMENT, "contrast": 0.3, "saturation": 0.3})
+    draws = torch.Generator().manual_seed(4)
+    contrast = 1 + 0.3 * (2 * torch.rand(6, generator=draws) - 1)
+    saturation = 1 + 0.3 * (2 * torch.rand(6, generator=draws) - 1)
+    luma = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+
+    out = augment_batch(batch, params, torch.Generator().manual_seed(4))
+
+    factor = contrast.view(6, 1, 1, 1)
+    mean_grey = (batch * luma).sum(dim=1, keepdim=True).mean(dim=(2, 3), keepdim=True)
+    expected = (factor * batch + (1 - factor) * mean_grey).clamp(0, 1)
+    factor = saturation.view(6, 1, 1, 1)
+    expected = (factor * expected + (1 - factor) * (expected * luma).sum(dim=1, keepdim=True)).clamp(0, 1)
+    assert torch.allclose(out, expected, atol=1e-6, rtol=0)
+
+
 def test_augment_with_everything_disabled_is_the_identity():
     batch = torch.rand(4, 3, SIZE, SIZE)
 
@@ -144,6 +190,20 @@ def test_brightness_scales_by_a_factor_within_the_strength():
 def test_rot90_refuses_non_square_images():
     with pytest.raises(ConfigError, match="train.augment.rot90"):
         augment_batch(torch.rand(2, 3, 32, 40), AugmentParams(**{**NO_AUGMENT, "rot90": True}), torch.Generator())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
+def test_large_freed_blocks_are_reused_without_new_page_faults():
+    assert reuse_freed_memory()
+    block = 64 * 2**20 // 4  # float32 elements in 64 MiB: far above glibc's default mmap threshold
+    torch.empty(block).fill_(1.0)  # the first allocation grows the heap (page faults once)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+    for _ in range(4):
+        torch.empty(block).fill_(1.0)
+
+    # Re-mapping 64 MiB costs ~16k faults of 4 KiB pages each time; reused heap memory costs none.
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before < 2_000
 
 
 # --- training --------------------------------------------------------------------------------------

@@ -58,6 +58,15 @@ def build_parser() -> argparse.ArgumentParser:
     federate.add_argument("--partition", type=Path, required=True, help="the partition stage's partition.csv")
     federate.add_argument("--out-dir", type=Path, required=True, help="model.pt, final_model.pt, rounds.csv, federation.json")
 
+    privacy = commands.add_parser(
+        "privacy", help="privacy-utility sweep: privacy.sweep.run at every privacy.sweep.epsilons, membership audit"
+    )
+    _add_params(privacy)
+    privacy.add_argument("--cache", type=Path, required=True)
+    privacy.add_argument("--split", type=Path, required=True, help="split CSV: its test part scores and is the non-members")
+    privacy.add_argument("--partition", type=Path, required=True, help="partition.csv of the sweep run's site count")
+    privacy.add_argument("--out-dir", type=Path, required=True, help="privacy.json, privacy.csv, figures, eps-<epsilon>/")
+
     evaluate = commands.add_parser(
         "evaluate", help="metrics of a model on the test split, or on any labelled folder (--data)"
     )
@@ -75,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out-dir", type=Path, required=True, help="reports/<dataset>")
     report.add_argument("--command", dest="made_by", help="the command recorded as having made the report")
     _add_analysis_commands(commands)
+    _add_federation_commands(commands)
     return parser
 
 
@@ -116,6 +126,32 @@ def _add_analysis_commands(commands) -> None:
                          help="calibrate the probabilities with the temperature of a calibration.json")
 
 
+def _add_federation_commands(commands) -> None:
+    """``leukofed federation certs|local``: a real Flower deployment (see README, "Deploy across hospitals")."""
+    federation = commands.add_parser("federation", help="Flower deployment: certificates, one-command local trial")
+    actions = federation.add_subparsers(dest="action", required=True, metavar="ACTION")
+    certs = actions.add_parser("certs", help="a federation's CA, the SuperLink's TLS certificate, one auth key per hospital")
+    _add_params(certs, dataset=False)
+    certs.add_argument("--out", type=Path, required=True, help="new folder for the certificates and keys")
+    certs.add_argument("--host", action="append", required=True,
+                       help="DNS name or IP under which hospitals reach the SuperLink (repeatable)")
+    certs.add_argument("--nodes", type=int, required=True, help="number of hospitals (SuperNodes)")
+    local = actions.add_parser("local", help="SuperLink + N SuperNodes on 127.0.0.1 (TLS, node auth), one run, then stop")
+    _add_params(local)
+    local.add_argument("--sites", type=int, help="SuperNodes to start (default: the run's site count)")
+    local.add_argument("--run", help="entry of federation.runs (default: the first with --sites sites)")
+    local.add_argument("--rounds", type=int, help="override the run's rounds (a quick trial)")
+    local.add_argument("--cache", type=Path, help="cache folder (default: data/<dataset>/cache; synthetic: built if missing)")
+    local.add_argument("--partition", type=Path,
+                       help="partition.csv (default: results/<dataset>/partitions/sites-<n>/partition.csv)")
+    local.add_argument("--out-dir", type=Path, help="outputs (default: results/<dataset>/flower/<run>)")
+    local.add_argument("--workdir", type=Path, help="parent of the trial's work folder (certificates, logs)")
+    local.add_argument("--keep-workdir", action="store_true", help="keep the work folder after a successful run")
+    local.add_argument("--app", type=Path, help="the Flower app folder (default: the repository's deploy/flower)")
+    local.add_argument("--insecure", action="store_true",
+                       help="DANGER: no TLS and no node authentication (debugging only; prints a warning)")
+
+
 def _run(args: argparse.Namespace) -> str:
     from leukofed import stages
     from leukofed.config import load_params
@@ -139,6 +175,10 @@ def _run(args: argparse.Namespace) -> str:
         return stages.federate(params, args.dataset or params.dataset, args.run, args.cache, args.partition, args.out_dir)
     if args.command == "report":
         return stages.report(params, args.results, args.out_dir, args.made_by or "leukofed report")
+    if args.command == "privacy":
+        return stages.privacy(params, args.dataset or params.dataset, args.cache, args.split, args.partition, args.out_dir)
+    if args.command == "federation":
+        return _run_federation(args, params)
     return _run_analysis(args, params)
 
 
@@ -156,6 +196,20 @@ def _run_analysis(args: argparse.Namespace, params) -> str:
     if args.command == "predict":
         return stages.predict(params, args.images, args.model, cam_dir=args.cam, temperature_path=args.temperature_from)
     raise AssertionError(f"unhandled command {args.command}")
+
+
+def _run_federation(args: argparse.Namespace, params) -> str:
+    if args.action == "certs":
+        from leukofed.federation.certs import make_certificates
+
+        made = make_certificates(args.out, args.host, args.nodes, params.federation.flower.cert_validity_days)
+        return (f"wrote the CA ({made.ca}), the SuperLink's certificate and key and {len(made.node_keys)} SuperNode key "
+                f"pairs (site-<n>.key to hospital n only; register site-<n>.pub) to {made.folder}")
+    from leukofed.federation.deploy import local_trial
+
+    return local_trial(params, sites=args.sites, run_name=args.run, dataset=args.dataset, cache=args.cache,
+                       partition=args.partition, rounds=args.rounds, out_dir=args.out_dir, workdir=args.workdir,
+                       app=args.app, insecure=args.insecure, keep_workdir=args.keep_workdir)
 
 
 def main(argv: list[str] | None = None) -> int:

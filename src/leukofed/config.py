@@ -181,7 +181,7 @@ class ReportParams(_Section):
 
 SHARE_TOLERANCE = 1e-6  # how far a class's site shares may sum from 1 (YAML decimals are inexact)
 # Folder names under results/<dataset>/ that a federation run may not take.
-RESERVED_RUN_NAMES = frozenset({"centralized", "partitions", "benchmarks", "comparison", "audit"})
+RESERVED_RUN_NAMES = frozenset({"centralized", "partitions", "benchmarks", "comparison", "audit", "privacy"})
 
 
 class PartitionParams(_Section):
@@ -246,18 +246,48 @@ class FederationRun(_Section):
     rounds: PositiveInt
 
 
+class SecureAggregationParams(_Section):
+    """SecAgg+ in the Flower deployment (Flower's SecAggPlusWorkflow + secaggplus_mod): the coordinator sees only the sum."""
+
+    enabled: bool  # true: the coordinator receives masked updates and only their weighted sum is revealed
+    num_shares: Annotated[int, Field(ge=2)]  # each site's secret is split among this many sites (itself included)
+    reconstruction_threshold: Annotated[int, Field(ge=2)]  # shares needed to unmask; also the fewest sites a round needs
+    clipping_range: Annotated[float, Field(gt=0)]  # every exchanged entry is clipped to [-c, c] before quantization
+    quantization_range: Annotated[int, Field(ge=2, le=2**24)]  # integer levels over [-c, c]: error per entry <= 2c/levels
+    max_weight: Annotated[float, Field(gt=0)]  # the largest site training-set size the protocol expects (weights n/max)
+
+    @model_validator(mode="after")
+    def _threshold_fits(self) -> SecureAggregationParams:
+        if self.reconstruction_threshold > self.num_shares:
+            raise ValueError(f"reconstruction_threshold={self.reconstruction_threshold} exceeds num_shares={self.num_shares}: "
+                             "no secret could be reconstructed; lower it")
+        return self
+
+
+class FlowerParams(_Section):
+    """The Flower deployment (one SuperLink, one SuperNode per hospital): timeouts, certificates, secure aggregation."""
+
+    round_timeout_s: Annotated[float, Field(gt=0)]  # a site without a reply by then counts as "no reply"
+    connect_timeout_s: Annotated[float, Field(gt=0)]  # how long the ServerApp waits for every site's SuperNode
+    startup_timeout_s: Annotated[float, Field(gt=0)]  # `federation local`: wait for the SuperLink to listen
+    shutdown_grace_s: Annotated[float, Field(gt=0)]  # `federation local`: SIGTERM, then SIGKILL after this long
+    cert_validity_days: PositiveInt  # lifetime of the certificates `leukofed federation certs` writes
+    secure_aggregation: SecureAggregationParams
+
+
 class FederationParams(_Section):
     """In-process federated training: rounds of local training at the sites and server aggregation."""
 
     runs: dict[str, FederationRun]
     local_epochs: PositiveInt  # epochs each selected site trains per round
     fraction_fit: Annotated[float, Field(gt=0.0, le=1.0)]  # share of sites picked per round (rounded up)
-    min_sites: PositiveInt  # fewer valid updates than this: the round keeps the previous global model
+    min_sites: PositiveInt  # fewer valid updates than this in a round: the run stops (resumable from its checkpoint)
     batchnorm: Literal["global", "local"]  # local = FedBN: BatchNorm weights and statistics stay at the sites
     seed: int  # site selection and each site's per-round training seed
     fedprox: FedProxParams
     fedavgm: FedAvgMParams
     fedadam: FedAdamParams
+    flower: FlowerParams
 
     @model_validator(mode="after")
     def _runs_are_possible(self) -> FederationParams:
@@ -337,6 +367,63 @@ class AnalysisParams(_Section):
         return value
 
 
+class DPParams(_Section):
+    """DP-SGD at every site (Opacus): per-sample clipping, Gaussian noise, Poisson sampling, RDP accounting."""
+
+    enabled: bool  # DP-SGD in the federate runs (needs model.norm: group)
+    noise_multiplier: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None  # sigma: noise std / max_grad_norm; null: from target_epsilon
+    target_epsilon: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None  # per-site epsilon after all planned rounds (noise_multiplier null)
+    epsilon_budget: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None  # a site refuses a round that would pass it; null: no cap
+    max_grad_norm: Annotated[float, Field(gt=0)]  # per-sample gradient clipping norm C
+    delta: Annotated[float, Field(gt=0.0, lt=1.0)] | Literal["auto"]  # auto: auto_delta_fraction / images of all sites
+    auto_delta_fraction: Fraction
+    noise_seed: int | None  # null: noise seeded from OS entropy (secret); an int reproduces runs but reveals the noise
+
+    @model_validator(mode="after")
+    def _one_noise_source(self) -> DPParams:
+        if (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ValueError("set exactly one of noise_multiplier and target_epsilon (the other null)")
+        if None not in (self.target_epsilon, self.epsilon_budget) and self.target_epsilon > self.epsilon_budget:
+            raise ValueError(
+                f"target_epsilon={self.target_epsilon:g} exceeds epsilon_budget={self.epsilon_budget:g}: "
+                "training would stop before its planned rounds; lower target_epsilon or raise the budget"
+            )
+        return self
+
+
+class PrivacySweepParams(_Section):
+    """Privacy-utility stage: one federation run retrained at several target epsilons."""
+
+    run: str  # a name in federation.runs: its sites and strategy
+    epsilons: Annotated[list[Annotated[float, Field(gt=0)]], Field(min_length=1)]  # .inf: GroupNorm model without noise
+    rounds: PositiveInt  # replace the run's rounds (the sweep trains len(epsilons) models)
+    local_epochs: PositiveInt  # replace federation.local_epochs
+
+    @field_validator("epsilons")
+    @classmethod
+    def _distinct_levels(cls, value: list[float]) -> list[float]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"epsilons {value} lists a level twice")
+        return value
+
+
+class AttackParams(_Section):
+    """Membership-inference audit: training images (members) against test images (non-members)."""
+
+    fprs: Annotated[list[Fraction], Field(min_length=1)]  # report the attack's TPR at these false-positive rates
+    reference_fraction: Fraction  # share of the non-members that calibrates the per-class attack (not scored)
+    max_members: PositiveInt | None  # members queried: a seeded sample of the training images; null: all
+    seed: int  # the member sample and the reference / scored split of the non-members
+
+
+class PrivacyParams(_Section):
+    """Differential privacy and the membership-inference audit."""
+
+    dp: DPParams
+    sweep: PrivacySweepParams
+    attack: AttackParams
+
+
 class Params(_Section):
     """All of ``params.yaml``."""
 
@@ -353,6 +440,7 @@ class Params(_Section):
     partition: PartitionParams
     federation: FederationParams
     analysis: AnalysisParams
+    privacy: PrivacyParams
 
     @model_validator(mode="after")
     def _dataset_is_defined(self) -> Params:
@@ -377,6 +465,19 @@ class Params(_Section):
                     f"federation.runs.{name}.sites={run.sites} is not partitioned; add it to partition.sites "
                     f"{self.partition.sites}"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _privacy_is_possible(self) -> Params:
+        if self.privacy.dp.enabled and self.model.norm == "batch":
+            raise ValueError(
+                "privacy.dp.enabled needs model.norm: group (BatchNorm mixes the samples of a batch, "
+                "so per-sample gradients and DP-SGD are undefined); set model.norm: group"
+            )
+        if self.privacy.sweep.run not in self.federation.runs:
+            raise ValueError(
+                f"privacy.sweep.run '{self.privacy.sweep.run}' is not in federation.runs ({sorted(self.federation.runs)})"
+            )
         return self
 
     def dataset_spec(self, name: str | None = None) -> DatasetSpec:

@@ -20,10 +20,11 @@ DIR_MODE = 0o755
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
+def atomic_path(path: str | Path, suffix: str = "", mode: int = FILE_MODE) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` if the block succeeds.
 
-    ``suffix`` lets libraries that insist on an extension (``.npy``, ``.png``) see one.
+    ``suffix`` lets libraries that insist on an extension (``.npy``, ``.png``) see one; ``mode`` is
+    the file's permission bits (0o600 for a private key: the file is never readable by others).
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -32,7 +33,7 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
-        os.chmod(tmp, FILE_MODE)  # mkstemp creates 0600; artifacts are meant to be shared and committed
+        os.chmod(tmp, mode)  # mkstemp creates 0600; artifacts are meant to be shared and committed
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)

@@ -52,6 +52,18 @@ def manifest_fingerprint(rows: Iterable[tuple[str, str, str]]) -> str:
     return digest.hexdigest()
 
 
+def run_tags(dataset: str, provenance: DataProvenance, kind: str) -> dict[str, str]:
+    """The tags of every tracked run: dataset, kind, data source and fingerprint, synthetic flag, git commit."""
+    return {
+        "dataset": dataset,
+        "kind": kind,
+        "data_source": provenance.source,
+        "data_fingerprint": provenance.fingerprint,
+        "synthetic_data": str(provenance.is_synthetic).lower(),
+        "git_commit": git_commit(),
+    }
+
+
 def git_commit(cwd: str | Path = ".") -> str:
     """The current git commit (with ``-dirty`` if the tree has changes), or ``unknown`` outside git."""
     try:

@@ -10,7 +10,8 @@ and is cheap to rebuild:
 - the centralized model's ``training.json``, for its best validation accuracy as the reference
   line of the per-round curves (optional);
 - the analysis stages: every model's ``calibration/`` (calibrate) and ``cam/`` (explain), and
-  ``comparison/statistics.json`` (compare: bootstrap CIs, McNemar) and ``audit/shortcut.json`` (audit).
+  ``comparison/statistics.json`` (compare: bootstrap CIs, McNemar) and ``audit/shortcut.json`` (audit);
+- the privacy stage's ``privacy/privacy.json`` and figures, when it has run (a "Privacy" section).
 
 It refuses to put models evaluated on different data side by side, and says loudly when the data
 is synthetic.
@@ -34,6 +35,8 @@ from leukofed.evaluation.metrics import CONFUSION_PNG_FILE, METRICS_FILE
 from leukofed.evaluation.statistics import METRIC_NAMES
 from leukofed.io import atomic_path, read_json, write_json, write_text
 from leukofed.plotting import new_figure, save_png, wrap_title
+from leukofed.privacy.summary import FIGURES as PRIVACY_FIGURES
+from leukofed.privacy.summary import PRIVACY_DIR, SWEEP_FILE, read_sweep, sweep_section, sweep_summary
 from leukofed.provenance import DataProvenance
 
 EVAL_DIR = "eval"
@@ -137,7 +140,8 @@ def build_report(results_dir: Path, out_dir: Path, *, paper_accuracy: dict[str, 
         ``low``, ``high``), ``calibration`` (``ece``, ``mce``, ``brier``, ``nll``, ``temperature``,
         ``after_scaling``), ``cam_randomisation_similarity``; every model but the centralized one also
         ``mcnemar_vs_centralized``; a federated model also ``federation``, ``heterogeneity``,
-        ``fairness`` and, where the paper has one, ``paper_accuracy``), ``paper`` and ``audit``.
+        ``fairness`` and, where the paper has one, ``paper_accuracy``), ``paper``, ``audit`` and, when the
+        privacy stage has run, ``privacy`` (:func:`leukofed.privacy.summary.sweep_summary`).
 
     Raises
     ------
@@ -161,10 +165,18 @@ def build_report(results_dir: Path, out_dir: Path, *, paper_accuracy: dict[str, 
         "paper": dict(paper_accuracy),
         "audit": _audit_summary(analysis.audit),
     }
+    sweep_path = results_dir / PRIVACY_DIR / SWEEP_FILE
+    if sweep_path.is_file():
+        sweep = read_sweep(sweep_path)
+        _check_fingerprint(sweep_path, sweep, provenance.fingerprint, "re-run the privacy stage")
+        summary["privacy"] = sweep_summary(sweep)
     figures = {name: _copy_confusion_figure(results_dir, out_dir, name) for name in evaluations}
     if federated:
         figures |= _federation_figures(results_dir, out_dir, federated, provenance)
     figures |= _analysis_figures(results_dir, out_dir, list(evaluations), analysis.cam)
+    if "privacy" in summary:
+        figures |= {name: _copy_figure(results_dir / PRIVACY_DIR / name, out_dir, name,
+                                       "privacy figure missing; re-run the privacy stage") for name in PRIVACY_FIGURES}
     write_json(out_dir / SUMMARY_FILE, summary)
     write_text(out_dir / README_FILE, _readme(summary, evaluations, federated, analysis, provenance, figures, command))
     return summary
@@ -600,6 +612,8 @@ def _readme(
     lines += _calibration_section(summary["models"], analysis.calibration, figures)
     lines += _cam_section(summary["models"], analysis.cam, figures, provenance)
     lines += _audit_section(summary, analysis.audit)
+    if "privacy" in summary:
+        lines += sweep_section(summary["privacy"], figures, _markdown_table)
     for name, model in summary["models"].items():
         lines += [f"## {name}", "", f"Evaluated on {evaluations[name]['n']} images.", ""]
         if "federation" in model:

@@ -16,7 +16,7 @@ import pandas as pd
 from leukofed.config import FederationRun, Params
 from leukofed.errors import ConfigError, DataError
 from leukofed.io import write_json, write_text
-from leukofed.provenance import DataProvenance, git_commit
+from leukofed.provenance import run_tags
 
 CENTRALIZED = "centralized"
 
@@ -85,7 +85,7 @@ def train_centralized(params: Params, dataset: str, cache_dir: Path, split_path:
         {"model": params.model.model_dump(), "train": params.train.model_dump(), "split": params.split.model_dump(),
          "data": {"image_size": params.data.image_size, "near_duplicate": params.data.near_duplicate.model_dump()}}
     )
-    tags = _run_tags(dataset, cache.provenance, CENTRALIZED)
+    tags = run_tags(dataset, cache.provenance, CENTRALIZED)
     started = time.perf_counter()
     with RunTracker(params.tracking, run_name=f"{dataset}/{CENTRALIZED}", params=run_params, tags=tags) as run:
         result = train_model(
@@ -125,17 +125,6 @@ def train_centralized(params: Params, dataset: str, cache_dir: Path, split_path:
         f"trained {CENTRALIZED} ({record['n_parameters']} parameters) on {record['n_train']} images in {seconds:.0f} s: "
         f"best val accuracy {record['best_val_accuracy']:.4f} at epoch {result.best_epoch}; registered version {version}"
     )
-
-
-def _run_tags(dataset: str, provenance: DataProvenance, kind: str) -> dict[str, str]:
-    return {
-        "dataset": dataset,
-        "kind": kind,
-        "data_source": provenance.source,
-        "data_fingerprint": provenance.fingerprint,
-        "synthetic_data": str(provenance.is_synthetic).lower(),
-        "git_commit": git_commit(),
-    }
 
 
 def _numeric(row: dict) -> dict[str, float]:
@@ -224,85 +213,77 @@ def partition(params: Params, cache_dir: Path, split_path: Path, n_sites: int, o
     )
 
 
-FEDERATION_CHECKPOINT_DIR = "checkpoint"
-
-
 def federate(params: Params, dataset: str, run_name: str, cache_dir: Path, partition_path: Path, out_dir: Path) -> str:
-    """Train the federated model ``federation.runs.<run_name>`` over its partition; track it in MLflow.
+    """Train the federated model ``federation.runs.<run_name>`` over its partition in this process; track it in MLflow.
 
     Writes ``model.pt`` (the best round's global model, by global validation accuracy: what the
     evaluate stage tests), ``final_model.pt`` (the last round's), ``rounds.csv`` and
-    ``federation.json`` (fairness, bytes, faults, per-site figures, heterogeneity, round times). The
-    round time against the same centralized training is measured by ``benchmarks/fl_round_vs_centralized.py``.
+    ``federation.json`` (fairness, bytes, faults, per-site figures, heterogeneity, round times), as
+    the Flower ServerApp does (:func:`leukofed.federation.runner.federate_and_record`). The round time
+    against the same centralized training is measured by ``benchmarks/fl_round_vs_centralized.py``.
     """
     import hashlib
+    import json
 
     from leukofed.data.cache import load_cache
     from leukofed.data.partition import HETEROGENEITY_FILE, read_partition
-    from leukofed.federation.engine import (
-        remove_checkpoint,
-        round_table,
-        run_federation,
-        sites_from_partition,
-        summarize,
-    )
+    from leukofed.federation.engine import sites_from_partition
+    from leukofed.federation.runner import federate_and_record
     from leukofed.io import read_json
-    from leukofed.model import build_model, count_parameters
-    from leukofed.tracking import RunTracker, flatten_params, registered_model_name
-    from leukofed.training import configure_torch, save_checkpoint
+    from leukofed.model import build_model
+    from leukofed.training import configure_torch
 
     run = _federation_run(params, run_name)
     cache = load_cache(cache_dir)
     sites = sites_from_partition(cache, read_partition(partition_path), partition_path, run.sites)
     configure_torch(params.runtime.threads, params.train.seed)
     model = build_model(params.model, len(cache.classes))
-    settings = {"run": run.model_dump(), "federation": params.federation.model_dump(exclude={"runs"}),
-                "model": params.model.model_dump(), "train": params.train.model_dump()}
-    tags = {**_run_tags(dataset, cache.provenance, run_name), "strategy": run.strategy, "sites": str(run.sites)}
-    out_dir = Path(out_dir)
-    with RunTracker(params.tracking, run_name=f"{dataset}/{run_name}", params=flatten_params(settings), tags=tags) as tracker:
-        result = run_federation(
-            model, sites, run, params.federation, params.train,
-            checkpoint_dir=out_dir / FEDERATION_CHECKPOINT_DIR,
-            data_key=hashlib.sha256(Path(partition_path).read_bytes()).hexdigest() + cache.provenance.fingerprint,
-            on_round=lambda record: tracker.log_metrics(_round_metrics(record), step=record["round"]),
-            progress=params.runtime.progress,
-        )
-        _log_site_runs(tracker, result.records, dataset, run_name)
-        summary = summarize(result, sites)
-        record = {
-            "model": run_name,
-            "data": cache.provenance.to_dict(),
-            "n_parameters": count_parameters(model),
-            **summary,
-            "heterogeneity": read_json(Path(partition_path).with_name(HETEROGENEITY_FILE))["summary"],
-            "resumed_from_round": result.resumed_from,
-            "params": settings,
-            "mlflow_run_id": tracker.run_id,
-            "git_commit": tags["git_commit"],
-        }
-        write_text(out_dir / "rounds.csv", round_table(result.records).to_csv(index=False))
-        write_json(out_dir / "federation.json", record)
-        for name, state in (("final_model.pt", result.final_state), ("model.pt", result.best_state)):
-            model.load_state_dict(state)  # model.pt last: the model stays the best one for registration
-            save_checkpoint(
-                out_dir / name, model, model_params=params.model, classes=cache.classes,
-                image_size=int(cache.meta["image_size"]), provenance=cache.provenance, extra={"federation": record},
-            )
-        tracker.log_metrics({"best_val_accuracy": summary["best"]["val_accuracy"],
-                             "fairness_jain": summary["fairness"]["best"]["jain"]}, step=result.best_round)
-        for name in ("rounds.csv", "federation.json"):
-            tracker.log_artifact(out_dir / name)
-        version = tracker.log_model(
-            model, name="model", registered_name=registered_model_name(params.tracking, dataset, run_name), alias=params.tracking.model_alias
-        )
-    remove_checkpoint(out_dir / FEDERATION_CHECKPOINT_DIR)
-    return (
-        f"federated {run_name} ({run.strategy}, {run.sites} sites, {summary['rounds']} rounds) in "
-        f"{summary['timing']['round_median']:.1f} s per round: best global val accuracy {summary['best']['val_accuracy']:.4f} at round "
-        f"{summary['best_round']}, Jain fairness {summary['fairness']['best']['jain']:.3f}, "
-        f"{(summary['bytes']['sent'] + summary['bytes']['received']) / 1e6:.1f} MB exchanged; registered version {version}"
+    data_key = hashlib.sha256(Path(partition_path).read_bytes()).hexdigest() + cache.provenance.fingerprint
+    privacy = None
+    if params.privacy.dp.enabled:  # DP-SGD at every site; a checkpoint made with other DP settings is not resumed
+        from leukofed.privacy.dp import site_privacy
+
+        privacy = site_privacy(params.privacy.dp, {site.number: site.n_train for site in sites},
+                               batch_size=params.train.batch_size, planned_epochs=run.rounds * params.federation.local_epochs)
+        data_key += json.dumps(params.privacy.dp.model_dump(), sort_keys=True)
+    return federate_and_record(
+        params, dataset, run_name, model, sites, provenance=cache.provenance, classes=cache.classes,
+        image_size=int(cache.meta["image_size"]), data_key=data_key, out_dir=Path(out_dir),
+        extra={"heterogeneity": read_json(Path(partition_path).with_name(HETEROGENEITY_FILE))["summary"]},
+        privacy=privacy,
     )
+
+
+def privacy(params: Params, dataset: str, cache_dir: Path, split_path: Path, partition_path: Path, out_dir: Path) -> str:
+    """Privacy-utility sweep: ``privacy.sweep.run`` at every ``privacy.sweep.epsilons``, tested and attacked.
+
+    See :mod:`leukofed.privacy.sweep`; writes ``privacy.json``, ``privacy.csv``, ``privacy_utility.png``,
+    ``membership_roc.png`` and one ``eps-<epsilon>/`` folder per level in ``out_dir``.
+    """
+    import hashlib
+
+    from leukofed.data.cache import load_cache
+    from leukofed.data.partition import read_partition
+    from leukofed.data.split import read_split
+    from leukofed.federation.engine import sites_from_partition
+    from leukofed.privacy.sweep import SweepData, run_sweep
+
+    sweep = params.privacy.sweep
+    cache = load_cache(cache_dir)
+    split_table = read_split(split_path)
+    _check_split_matches(cache, split_table, split_path)
+    test_images, test_labels = _split_arrays(cache, split_table, "test")
+    n_sites = params.federation.runs[sweep.run].sites
+    sites = sites_from_partition(cache, read_partition(partition_path), partition_path, n_sites)
+    digest = hashlib.sha256(Path(partition_path).read_bytes() + Path(split_path).read_bytes()).hexdigest()
+    data = SweepData(sites, test_images, test_labels, cache.classes, int(cache.meta["image_size"]), cache.provenance,
+                     data_key=digest + cache.provenance.fingerprint)
+    record = run_sweep(params, dataset, data, Path(out_dir))
+    levels = "; ".join(
+        f"{level['level']}: accuracy {level['test']['accuracy']:.3f}, attack AUC {level['attack']['calibrated']['auc']:.3f}"
+        for level in record["levels"]
+    )
+    return f"privacy sweep of {sweep.run} ({n_sites} sites, {sweep.rounds} rounds) -> {out_dir}: {levels}"
 
 
 def _federation_run(params: Params, run_name: str) -> FederationRun:
@@ -311,32 +292,6 @@ def _federation_run(params: Params, run_name: str) -> FederationRun:
             f"federate: '{run_name}' is not an entry of federation.runs ({sorted(params.federation.runs)}); add it there"
         )
     return params.federation.runs[run_name]
-
-
-def _round_metrics(record: dict) -> dict[str, float]:
-    """A round's global metrics for the parent MLflow run."""
-    return {
-        "val_loss": record["val_loss"],
-        "val_accuracy": record["val_accuracy"],
-        "sites_accepted": len(record["accepted"]),
-        "sites_rejected": len(record["rejected"]),
-        "kept_previous": float(record["kept_previous"]),
-        "bytes_sent": record["bytes_sent"],
-        "bytes_received": record["bytes_received"],
-        "round_seconds": record["seconds"],
-    }
-
-
-def _log_site_runs(tracker, records: list[dict], dataset: str, run_name: str) -> None:
-    """One nested MLflow run per site with its per-round metrics (step = round).
-
-    Written once the rounds are done: MLflow keeps one active run per thread, so the sites' runs
-    cannot all stay open while the parent logs each round live.
-    """
-    for site in records[0]["sites"]:
-        with tracker.child(f"{dataset}/{run_name}/site-{site}", tags={"site": str(site)}) as child:
-            for record in records:
-                child.log_metrics(record["sites"][site], step=record["round"])
 
 
 # --- Analysis of trained models: calibration, Grad-CAM, statistics, shortcut audit, prediction -----------

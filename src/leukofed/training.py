@@ -8,13 +8,16 @@ inputs and seed give bitwise-identical weights.
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 import random
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -28,12 +31,22 @@ from leukofed.io import atomic_path
 from leukofed.model import AttentionCNN, build_model
 from leukofed.provenance import DataProvenance
 
+if TYPE_CHECKING:
+    from leukofed.privacy.dp import PrivateTraining
+
 CHECKPOINT_FORMAT = "leukofed-checkpoint"
 CHECKPOINT_VERSION = 1
 META_KEYS = ("classes", "image_size", "provenance", "model_params", "extra")
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R BT.601 grey level, as torchvision's colour jitter uses
 # cuBLAS refuses deterministic mode without a fixed workspace (PyTorch "Reproducibility" notes).
 CUBLAS_WORKSPACE = ":4096:8"
+# glibc's malloc serves blocks above its mmap threshold (which grows to at most 32 MiB) with fresh
+# mmap()s and unmaps them when freed, so every step's large activations (32 MiB for the first block
+# at batch 32, 128 px) are faulted in page by page again (~0.7 M page faults per 1,280 images).
+# Above these thresholds instead: blocks up to 1 GiB come from the heap, freed heap memory is kept for reuse.
+MALLOC_MMAP_THRESHOLD = 1 << 30
+MALLOC_TRIM_THRESHOLD = 1 << 30
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt() parameter numbers (glibc <malloc.h>)
 
 
 class NonFiniteLossError(LeukofedError):
@@ -67,6 +80,8 @@ class TrainResult:
 def configure_torch(threads: int, seed: int) -> None:
     """Fix torch's thread count and seed every global generator; make torch refuse non-deterministic ops.
 
+    Also makes glibc's malloc reuse freed memory (see :func:`reuse_freed_memory`).
+
     Parameters
     ----------
     threads : int
@@ -74,6 +89,7 @@ def configure_torch(threads: int, seed: int) -> None:
     seed : int
         Seed of torch's, numpy's and Python's global generators (model initialisation draws from torch's).
     """
+    reuse_freed_memory()
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True)
@@ -83,6 +99,27 @@ def configure_torch(threads: int, seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed)
     random.seed(seed)
+
+
+def reuse_freed_memory() -> bool:
+    """Keep large freed blocks in glibc's heap for reuse instead of unmapping them (Linux with glibc only).
+
+    Saves the page faults of re-mapping each step's activations (see ``MALLOC_MMAP_THRESHOLD``);
+    results are unchanged, and the process keeps its peak memory until it exits.
+
+    Returns
+    -------
+    bool
+        Whether the allocator accepted both settings (False on other platforms and C libraries).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # a C library without mallopt()
+        return False
+    accepted = [mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD), mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD)]
+    return all(accepted)
 
 
 def _check_images(images: np.ndarray, what: str) -> None:
@@ -123,14 +160,18 @@ def _jitter_factors(n: int, strength: float, generator: torch.Generator) -> torc
 
 
 def _grey(batch: torch.Tensor) -> torch.Tensor:
-    """Luma ``(N, 1, H, W)`` of RGB images."""
-    weights = torch.tensor(LUMA_WEIGHTS, dtype=batch.dtype, device=batch.device).view(1, 3, 1, 1)
-    return (batch * weights).sum(dim=1, keepdim=True)
+    """Luma ``(N, 1, H, W)`` of RGB images.
+
+    Summed slice by slice rather than reduced over the channel axis: the same floats, about 3x faster
+    on channels-last batches, whose channel axis is the innermost one.
+    """
+    red, green, blue = LUMA_WEIGHTS
+    return batch[:, 0:1] * red + batch[:, 1:2] * green + batch[:, 2:3] * blue
 
 
-def _blend(batch: torch.Tensor, other: torch.Tensor | float, factor: torch.Tensor) -> torch.Tensor:
-    """``factor * batch + (1 - factor) * other``, clamped to [0, 1] (torchvision's jitter rule)."""
-    return (factor * batch + (1 - factor) * other).clamp_(0, 1)
+def _blend_(batch: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """In place: ``factor * batch + (1 - factor) * other``, clamped to [0, 1] (torchvision's jitter rule)."""
+    return batch.mul_(factor).add_((1 - factor) * other).clamp_(0, 1)
 
 
 def _rotate_by_sample(batch: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
@@ -152,7 +193,9 @@ def augment_batch(batch: torch.Tensor, params: AugmentParams, generator: torch.G
     Parameters
     ----------
     batch : torch.Tensor
-        Float images ``(N, 3, H, W)`` in [0, 1]; square when ``params.rot90`` is set.
+        Images ``(N, 3, H, W)``, uint8 in [0, 255] or float in [0, 1]; square when ``params.rot90``
+        is set. Given uint8, flips and turns move a quarter of the bytes and the pixels are converted
+        after them, with the same result as augmenting the converted floats.
     params : AugmentParams
         Which transforms to apply and the jitter strengths ``s`` (factors uniform in [1-s, 1+s]).
     generator : torch.Generator
@@ -161,7 +204,7 @@ def augment_batch(batch: torch.Tensor, params: AugmentParams, generator: torch.G
     Returns
     -------
     torch.Tensor
-        A new tensor of the same shape, clamped to [0, 1] (``batch`` itself if nothing is enabled).
+        A new float tensor of the same shape in [0, 1]; ``batch`` is left unchanged.
     """
     n = len(batch)
     if params.rot90 and batch.shape[2] != batch.shape[3]:
@@ -176,14 +219,29 @@ def augment_batch(batch: torch.Tensor, params: AugmentParams, generator: torch.G
         batch = torch.where(_chance(n, generator).to(device), batch.flip(2), batch)
     if params.rot90:
         batch = _rotate_by_sample(batch, torch.randint(0, 4, (n,), generator=generator).to(device))
-    if params.brightness:
-        batch = _blend(batch, 0.0, _jitter_factors(n, params.brightness, generator).to(device))
+    # The colour jitter works in place on a float copy of its own.
+    batch = batch.float().div_(255) if batch.dtype == torch.uint8 else batch.clone()
+    if params.brightness:  # a blend with black: (1 - factor) * 0 adds nothing
+        batch.mul_(_jitter_factors(n, params.brightness, generator).to(device)).clamp_(0, 1)
     if params.contrast:
         mean_grey = _grey(batch).mean(dim=(2, 3), keepdim=True)
-        batch = _blend(batch, mean_grey, _jitter_factors(n, params.contrast, generator).to(device))
+        _blend_(batch, mean_grey, _jitter_factors(n, params.contrast, generator).to(device))
     if params.saturation:
-        batch = _blend(batch, _grey(batch), _jitter_factors(n, params.saturation, generator).to(device))
+        _blend_(batch, _grey(batch), _jitter_factors(n, params.saturation, generator).to(device))
     return batch
+
+
+def training_batch(
+    images: np.ndarray, index: torch.Tensor, params: AugmentParams, generator: torch.Generator, device: torch.device
+) -> torch.Tensor:
+    """The augmented float batch of ``images[index]`` as a training step takes it: channels-last, on ``device``.
+
+    Augmentation starts from the uint8 pixels (see :func:`augment_batch`); the result is
+    channels-last because flips and turns may leave another layout, and CPU convolutions run
+    ~1.5x faster on channels-last input than on NCHW.
+    """
+    batch = torch.from_numpy(images[index.numpy()]).permute(0, 3, 1, 2).to(device)
+    return augment_batch(batch, params, generator).contiguous(memory_format=torch.channels_last)
 
 
 def _lr_factor(schedule: str, total_steps: int) -> Callable[[int], float]:
@@ -218,8 +276,7 @@ def _train_epoch(
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
     for index in torch.randperm(len(targets), generator=generator).split(params.batch_size):
-        batch = augment_batch(images_to_tensor(images[index.numpy()]).to(device), params.augment, generator)
-        batch = batch.contiguous(memory_format=torch.channels_last)  # rot90 and flips may change the layout
+        batch = training_batch(images, index, params.augment, generator, device)
         batch_targets = targets[index].to(device)
         logits = model(batch)
         loss = F.cross_entropy(logits, batch_targets, label_smoothing=params.label_smoothing)
@@ -287,6 +344,7 @@ def train_model(
     progress: bool = False,
     on_epoch: Callable[[dict], None] | None = None,
     proximal_mu: float = 0.0,
+    privacy: PrivateTraining | None = None,
 ) -> TrainResult:
     """Train ``model`` in place, starting from its current weights.
 
@@ -314,6 +372,9 @@ def train_model(
     proximal_mu : float
         FedProx weight ``mu``: adds ``mu/2 * ||w - w_start||^2`` to the loss, ``w_start`` being the
         weights on entry (a site's copy of the global model). 0 (default) trains exactly as without it.
+    privacy : PrivateTraining, optional
+        Train with DP-SGD (:mod:`leukofed.privacy.dp`): Poisson-sampled batches, clipped and noised
+        per-sample gradients, every step recorded in ``privacy.accountant``. None: ordinary training.
 
     Returns
     -------
@@ -325,6 +386,8 @@ def train_model(
         If an epoch's training loss is NaN or infinite.
     DataError
         If the arrays are not uint8 RGB images with one label each.
+    leukofed.privacy.dp.PrivacyBudgetError
+        With ``privacy``: if this call's steps would take the accountant past its epsilon budget.
     """
     labels = np.asarray(labels)
     _check_dataset(images, labels, "training data")
@@ -341,6 +404,11 @@ def train_model(
     generator = torch.Generator().manual_seed(params.seed)
     targets = torch.as_tensor(labels, dtype=torch.long)
     penalty = _proximal_term(model, proximal_mu)
+    train_epoch = _train_epoch
+    if privacy is not None:  # Opacus is imported only when DP is asked for
+        from leukofed.privacy.dp import private_epoch
+
+        train_epoch = private_epoch(privacy, model, len(images), params, n_epochs)
     history: list[dict] = []
     best: dict | None = None
     best_state: dict = {}
@@ -350,7 +418,7 @@ def train_model(
             start, lr = time.perf_counter(), optimizer.param_groups[0]["lr"]
             with tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{n_epochs}", unit="batch",
                       leave=False, disable=not progress) as bar:
-                train_loss, train_accuracy = _train_epoch(
+                train_loss, train_accuracy = train_epoch(
                     model, images, targets, params, optimizer, scheduler, generator, bar, penalty
                 )
             if not math.isfinite(train_loss):

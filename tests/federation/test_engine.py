@@ -18,11 +18,21 @@ import yaml
 from mlflow import MlflowClient
 
 import leukofed.federation.engine as engine
+import leukofed.federation.site as site_module
 from leukofed import stages
 from leukofed.config import load_params, parse_params
 from leukofed.errors import ConfigError
 from leukofed.federation.aggregation import batchnorm_keys, exchanged_keys, state_nbytes
-from leukofed.federation.engine import CHECKPOINT_FILE, SiteData, fairness, run_federation
+from leukofed.federation.engine import (
+    CHECKPOINT_FILE,
+    InProcessTransport,
+    InsufficientSitesError,
+    SiteData,
+    fairness,
+    run_federation,
+)
+from leukofed.federation.runner import CHECKPOINT_DIR
+from leukofed.federation.site import FitReply, Site
 from leukofed.io import read_json, write_json
 from leukofed.model import build_model
 from leukofed.provenance import DataProvenance
@@ -66,12 +76,12 @@ def a_run(strategy: str = "fedavg", rounds: int = ROUNDS):
     return PARAMS.federation.runs["fedavg-3"].model_copy(update={"strategy": strategy, "rounds": rounds})
 
 
-def federate(checkpoint_dir: Path, *, run=None, params=None, on_round=None):
-    """A fresh seeded tiny model trained federatedly over make_sites()."""
+def federate(checkpoint_dir: Path, *, run=None, params=None, on_round=None, transport=None):
+    """A fresh seeded tiny model trained federatedly over make_sites() (or over ``transport(model)``)."""
     configure_torch(THREADS, seed=0)
     model = build_model(MODEL, N_CLASSES)
     result = run_federation(
-        model, make_sites(), run or a_run(), params or federation(), TRAIN,
+        model, make_sites() if transport is None else transport(model), run or a_run(), params or federation(), TRAIN,
         checkpoint_dir=checkpoint_dir, data_key="test", on_round=on_round,
     )
     return model, result
@@ -124,18 +134,21 @@ def test_fraction_fit_selects_the_rounded_up_share_of_sites(tmp_path):
         assert record["sites"][idle]["val_accuracy"] is not None  # the server still evaluates every site
 
 
-def _failing_at(monkeypatch, site_number: int, failure):
-    """Make local training at one site (recognised by its data) fail as ``failure`` says."""
+def _failing_at(monkeypatch, site_number: int, failure, rounds=range(1, ROUNDS + 1)):
+    """Make local training at one site (recognised by its data) fail as ``failure`` says in ``rounds``."""
     target = make_sites()[site_number - 1].train_labels
-    real = engine.train_model
+    real = site_module.train_model
+    calls = []
 
     def train_model(model, images, labels, *args, **kwargs):
         result = real(model, images, labels, *args, **kwargs)
         if np.array_equal(labels, target):
-            return failure(result)
+            calls.append(1)  # the site trains once per round (fraction_fit 1)
+            if len(calls) in rounds:
+                return failure(result)
         return result
 
-    monkeypatch.setattr(engine, "train_model", train_model)
+    monkeypatch.setattr(site_module, "train_model", train_model)
 
 
 def _diverge(result):
@@ -154,18 +167,64 @@ def test_a_non_finite_site_is_rejected_and_the_round_goes_on(monkeypatch, tmp_pa
     _, result = federate(tmp_path)
     for record in result.records:
         assert record["accepted"] == [1, 3] and list(record["rejected"]) == [2]
-        assert says in record["rejected"][2] and not record["kept_previous"]
+        assert says in record["rejected"][2]
         assert record["sites"][2]["train_loss"] is None
     assert all(bool(torch.isfinite(value.float()).all()) for value in result.final_state.values())
 
 
-def test_too_few_valid_updates_keep_the_previous_global_model(monkeypatch, tmp_path):
-    _failing_at(monkeypatch, 2, _diverge)
-    configure_torch(THREADS, seed=0)
-    initial = build_model(MODEL, N_CLASSES).state_dict()
-    _, result = federate(tmp_path, params=federation(min_sites=3))
-    assert all(record["kept_previous"] for record in result.records)
-    assert _equal(result.final_state, initial)
+def test_too_few_valid_updates_stop_the_run_and_a_rerun_resumes(reference, monkeypatch, tmp_path):
+    strict = federation(min_sites=3)
+    with monkeypatch.context() as patch:
+        _failing_at(patch, 2, _diverge, rounds=[CRASH_AFTER])
+        with pytest.raises(InsufficientSitesError) as error:
+            federate(tmp_path, params=strict)
+    message = str(error.value)
+    assert f"round {CRASH_AFTER}: 2 valid update(s) (sites [1, 3]" in message and "site 2: non-finite training loss" in message
+    assert "min_sites=3" in message and f"keeps round {CRASH_AFTER - 1}" in message
+    _, resumed = federate(tmp_path, params=strict)  # the site is fixed: the rerun continues
+    assert resumed.resumed_from == CRASH_AFTER - 1
+    assert _equal(resumed.final_state, reference[1].final_state)  # min_sites changes nothing when every site answers
+
+
+class _Unreliable(InProcessTransport):
+    """In-process sites behind a faulty link: site 2 never answers; site 3's update arrives as ``garble`` makes it."""
+
+    def __init__(self, model, garble):
+        super().__init__([Site(data) for data in make_sites()], model)
+        self.garble = garble
+
+    def fit(self, instructions):
+        replies = super().fit({number: item for number, item in instructions.items() if number != 2})
+        replies[3] = FitReply(self.garble(replies[3].entries), replies[3].num_examples, replies[3].metrics)
+        return replies
+
+    def evaluate(self, global_state, numbers, batch_size):
+        return super().evaluate(global_state, [number for number in numbers if number != 2], batch_size)
+
+
+def _drop_first(entries):
+    return dict(list(entries.items())[1:])
+
+
+def _nan_first(entries):
+    key = next(iter(entries))
+    return entries | {key: torch.full_like(entries[key], float("nan"))}
+
+
+def _as_double(entries):
+    return {key: value.double() for key, value in entries.items()}
+
+
+@pytest.mark.parametrize(("garble", "says"), [(_drop_first, "does not match the model (missing"),
+                                              (_as_double, "shape or dtype"), (_nan_first, "non-finite values")])
+def test_silent_sites_and_invalid_updates_are_rejected(tmp_path, garble, says):
+    _, result = federate(tmp_path, params=federation(min_sites=1), transport=lambda model: _Unreliable(model, garble))
+    for record in result.records:
+        assert record["accepted"] == [1] and record["rejected"][2] == engine.NO_REPLY and says in record["rejected"][3]
+        assert record["sites"][2]["val_accuracy"] is None and record["sites"][3]["val_accuracy"] is not None
+        assert record["sites"][3]["bytes_received"] > 0 and record["sites"][2]["bytes_received"] == 0
+    summary = engine.summarize(result, make_sites())
+    assert summary["sites"][2]["rounds_rejected"] == ROUNDS and summary["fairness"]["final"]["jain"] is not None
 
 
 def test_a_crash_resumes_from_the_last_finished_round_with_the_same_weights(reference, tmp_path):
@@ -223,8 +282,8 @@ def test_fedbn_keeps_batchnorm_at_the_sites(tmp_path):
     assert entry["bytes_received"] == state_nbytes(result.final_state, exchanged_keys(result.final_state))
     assert entry["bytes_sent"] < entry["bytes_received"]
     checkpoint = torch.load(tmp_path / CHECKPOINT_FILE, weights_only=True)
-    site_states = checkpoint["site_local"]
-    assert set(site_states) == {"1", "2", "3"}
+    site_states = {site: state["local"] for site, state in checkpoint["site_states"].items()}
+    assert set(site_states) == {"1", "2", "3"} and all(set(state) == local for state in site_states.values())
     assert not torch.equal(site_states["1"]["features.0.1.running_mean"], site_states["3"]["features.0.1.running_mean"])
 
 
@@ -306,7 +365,7 @@ def test_the_federate_stage_writes_evaluable_models_and_tracks_sites(tmp_path, m
     out = results / "fedavg-3"
     message = stages.federate(params, "tiny", "fedavg-3", cache, results / "partitions/sites-3/partition.csv", out)
 
-    assert "federated fedavg-3" in message and not (out / stages.FEDERATION_CHECKPOINT_DIR).exists()
+    assert "federated fedavg-3" in message and not (out / CHECKPOINT_DIR).exists()
     record = read_json(out / "federation.json")
     assert record["rounds"] == 2 and set(record["fairness"]["best"]) >= {"mean", "std", "cv", "gap", "jain"}
     assert record["bytes"]["sent"] > 0 and record["timing"]["round_median"] > 0

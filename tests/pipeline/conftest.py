@@ -28,6 +28,7 @@ def tiny_params() -> dict:
     params["federation"]["local_epochs"] = 1
     for run in params["federation"]["runs"].values():
         run["rounds"] = 2
+    params["privacy"]["sweep"].update(rounds=1, epsilons=[8.0, float("inf")])
     params["runtime"]["progress"] = False
     params["analysis"]["bootstrap"]["n_resamples"] = 200
     params["analysis"]["cam"].update(panels_per_class=1, max_error_panels=2)

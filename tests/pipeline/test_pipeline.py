@@ -72,7 +72,7 @@ def _check_analysis(results, fingerprint: str) -> None:
 
 REPORT_SECTIONS = ("Comparison", "Heterogeneity of the site partitions", "Validation accuracy per round",
                    "Fairness across sites", "Communication and cost", "Calibration", "Grad-CAM", "Shortcut audit",
-                   "Reproducibility")
+                   "Privacy", "Reproducibility")
 MODEL_KEYS = {"accuracy", "balanced_accuracy", "macro_f1", "per_class", "ci", "calibration", "cam_randomisation_similarity"}
 
 
@@ -88,7 +88,7 @@ def _check_report(reports, summary: dict) -> None:
     for name in images:
         with Image.open(reports / name) as image:
             image.verify()
-    assert {"dataset", "data", "models", "paper", "audit"} <= summary.keys()
+    assert {"dataset", "data", "models", "paper", "audit", "privacy"} <= summary.keys()
     assert {"border_colour", "corner_patch", "majority_class"} <= summary["audit"].keys()
     for name, model in summary["models"].items():
         assert MODEL_KEYS <= model.keys(), name

@@ -60,6 +60,7 @@ rule federate:
         federation=federation_settings,
         model=config["model"],
         train=config["train"],
+        privacy=config["privacy"]["dp"],  # DP-SGD at the sites when enabled
     wildcard_constraints:
         run=RUN_PATTERN,
     threads: config["runtime"]["threads"]

@@ -19,6 +19,7 @@ rule report:
         cam=expand("results/{{dataset}}/{model}/cam/cam.json", model=MODELS),  # its panel grids come with it
         statistics="results/{dataset}/comparison/statistics.json",
         audit="results/{dataset}/audit/shortcut.json",
+        privacy=expand("results/{{dataset}}/privacy/{file}", file=["privacy.json", "privacy_utility.png", "membership_roc.png"]),
     output:
         summary="reports/{dataset}/summary.json",
         readme="reports/{dataset}/README.md",

@@ -1,32 +1,46 @@
-"""In-process federated training: rounds of local training at simulated sites and server aggregation.
+"""Federated training: rounds of local training at the sites and server aggregation, over any transport.
 
 One round: the server picks ``ceil(fraction_fit * N)`` sites with its seeded generator; each starts
-from the global weights and runs :func:`leukofed.training.train_model` for ``local_epochs`` on its
-local training part (FedProx adds ``mu/2 * ||w - w_global||^2``); the server averages the valid
-updates by training-sample count and applies its optimizer (:mod:`.aggregation`); then it evaluates
-the new global model on every site's local validation part. The sample-weighted mean over the sites
-is the global validation score, which picks the best round.
+from the global weights and trains locally (:meth:`.site.Site.fit`: :func:`leukofed.training.train_model`
+for ``local_epochs``; FedProx adds ``mu/2 * ||w - w_global||^2``); the server averages the valid
+updates by training-sample count and applies its optimizer (:mod:`.aggregation`); then every site
+evaluates the new global model on its local validation part. The sample-weighted mean over the
+sites is the global validation score, which picks the best round.
+
+The round loop (:func:`run_federation`) does not know where the sites are: a :class:`Transport`
+carries the instructions to them and their replies back. :class:`InProcessTransport` calls
+:class:`.site.Site` objects in this process (the fast default); the Flower transport
+(:mod:`.flower_apps`) sends the same instructions to SuperNodes, whose ClientApp calls the same
+:class:`.site.Site` code. Only model entries and scalar metrics cross a transport, never images.
 
 Choices worth knowing:
 
-- **Faults.** A site whose loss becomes non-finite (``NonFiniteLossError``) or whose returned weights
-  hold NaN/inf is left out of that round's average; the round record names the site and the reason.
-  With fewer than ``min_sites`` valid updates the round keeps the previous global weights.
+- **Faults.** A site whose training loss becomes non-finite, whose update holds NaN/inf or does
+  not match the model, or that does not answer (Flower: no reply within the round timeout, or its
+  node is gone) is left out of that round's average; the round record names the site and the
+  reason. With fewer than ``min_sites`` valid updates the run stops with
+  :class:`InsufficientSitesError`; the checkpoint keeps the last finished round, so rerunning the
+  same command resumes there. A site that does not answer the evaluation is left out of that
+  round's global validation score (its entries stay None).
+- **Secure aggregation.** A transport may return only the weighted average of the updates
+  (:class:`AggregatedFit`, Flower with SecAgg+: :mod:`.secagg`): the engine then checks the average
+  instead of each update, records the sites that dropped out, and marks the round ``secure_aggregation: true``.
 - **BatchNorm.** ``global``: running statistics are averaged like the weights (plain FedAvg).
   ``local`` (FedBN): the server sends no BatchNorm entries, so each site keeps its own BatchNorm
-  weights and statistics across rounds; sites still upload them so that the server can form one
-  servable global model, which uses their sample-weighted average.
+  weights and statistics across rounds (site-held state); sites still upload them so that the
+  server can form one servable global model, which uses their sample-weighted average.
 - **Learning rate.** ``train.lr_schedule`` runs over the rounds: with ``cosine`` each round's local
   learning rate is ``train.lr`` scaled by a cosine of the round number, constant within the round.
-- **Bytes.** Sent: the global entries a site downloads; received: the entries it uploads (0 if its
-  training raised). Tensor payload only, as ``numel * element_size``.
+- **Bytes.** Sent: the global entries a site downloads for training; received: the entries it
+  uploads (0 if it has no update). Tensor payload only, as ``numel * element_size``.
 - **Determinism.** All randomness comes from the server generator (``federation.seed``): the site
   selection and one training seed per selected site and round. On CPU, identical inputs give
-  bitwise-identical weights.
+  bitwise-identical weights, whichever transport carries them.
 - **Checkpoint.** After every round, the global weights, server-optimizer state, generator state,
-  best round, FedBN site states and all round records are written atomically to one file. A rerun
-  with the same settings and data continues after the last finished round and ends with the same
-  weights as an uninterrupted run; a checkpoint made with other settings is ignored.
+  best round, all round records and the transport's site states (in-process: each site's
+  :meth:`.site.Site.state_dict`) are written atomically to one file. A rerun with the same settings
+  and data continues after the last finished round and ends with the same weights as an
+  uninterrupted run; a checkpoint made with other settings is ignored.
 """
 
 from __future__ import annotations
@@ -36,9 +50,10 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import pandas as pd
@@ -46,61 +61,122 @@ import torch
 from torch import nn
 
 from leukofed.config import FederationParams, FederationRun, TrainParams
+from leukofed.errors import LeukofedError
 from leukofed.federation.aggregation import (
     batchnorm_keys,
     exchanged_keys,
     init_server_state,
-    non_finite_keys,
     parameter_keys,
     server_step,
     state_nbytes,
     weighted_average,
 )
-from leukofed.errors import DataError
+from leukofed.federation.site import (  # SiteData and sites_from_partition: also the engine's, for its callers
+    PRIVACY_METRICS,
+    FitInstruction,
+    FitReply,
+    Site,
+    SiteData,
+    SiteEvaluation,
+    SiteInfo,
+    non_finite_reason,
+    sites_from_partition,
+)
 from leukofed.io import atomic_path
-from leukofed.training import CheckpointError, NonFiniteLossError, predict_proba, train_model
+from leukofed.training import CheckpointError, train_model
+
+if TYPE_CHECKING:
+    from leukofed.privacy.dp import PrivateTraining
 
 CHECKPOINT_FILE = "state.pt"
 CHECKPOINT_FORMAT = "leukofed-federation-checkpoint"
 SEED_BOUND = 2**31 - 1  # per-site training seeds are drawn below this (a valid seed everywhere)
-_PROBABILITY_FLOOR = np.finfo(np.float32).tiny  # keeps log(p) finite for a confidently wrong prediction
+NO_REPLY = "no reply"
+
+
+class InsufficientSitesError(LeukofedError):
+    """Fewer valid site updates (or evaluations) than a round needs: the run stops, resumable from its checkpoint."""
 
 
 @dataclass(frozen=True)
-class SiteData:
-    """One site's local data: uint8 images ``(n, H, W, 3)`` and class indices ``(n,)``."""
+class AggregatedFit:
+    """A transport's answer to ``fit`` when it aggregates securely: the weighted average only, no per-site update.
 
-    number: int  # from 1, as in partition.csv
-    train_images: np.ndarray
-    train_labels: np.ndarray
-    val_images: np.ndarray
-    val_labels: np.ndarray
+    The engine cannot check single updates then (a site checks its own before masking); it checks
+    the average and marks the round ``secure_aggregation: true``. See :mod:`.secagg`.
 
-
-def sites_from_partition(cache, table: pd.DataFrame, partition_path: Path, n_sites: int) -> list[SiteData]:
-    """Each site's local train and validation images and labels, from a partition (``partition.csv``) of ``cache``.
-
-    Raises
-    ------
-    DataError
-        If the partition was made from another cache or does not hold sites ``1..n_sites``.
+    Attributes
+    ----------
+    entries : dict of str to Tensor, or None
+        ``sum(n_i w_i) / sum(n_i)`` over ``accepted``; None when the protocol could not finish.
+    accepted : list of int
+        Sites whose update is in the average; the other selected sites dropped out.
+    num_examples, metrics, bytes_received : dict keyed by site number
+        Each accepted site's weight, scalar training metrics and upload size (all sent in the clear).
     """
-    rows = table["row"].to_numpy()
-    relpaths = cache.index["relpath"].to_numpy()
-    if rows.max(initial=-1) >= len(cache.index) or not (relpaths[rows] == table["relpath"].to_numpy()).all():
-        raise DataError(f"{partition_path}: does not match the cache it is used with; rerun the partition stage")
-    if sorted(set(table["site"])) != list(range(1, n_sites + 1)):
-        raise DataError(
-            f"{partition_path}: holds sites {sorted(set(table['site']))}, not 1..{n_sites}; rerun the partition stage"
-        )
-    labels = cache.index["label_index"].to_numpy()
-    sites = []
-    for number in range(1, n_sites + 1):
-        at_site = table["site"] == number
-        train, val = (table.loc[at_site & (table["part"] == part), "row"].to_numpy() for part in ("train", "val"))
-        sites.append(SiteData(number, np.asarray(cache.images[train]), labels[train],
-                              np.asarray(cache.images[val]), labels[val]))
-    return sites
+
+    entries: dict[str, torch.Tensor] | None
+    accepted: list[int]
+    num_examples: dict[int, int] = field(default_factory=dict)
+    metrics: dict[int, dict] = field(default_factory=dict)
+    bytes_received: dict[int, int] = field(default_factory=dict)
+
+
+SECURE_DROPOUT = "dropped out of secure aggregation"
+
+
+class Transport(Protocol):
+    """Carries a round's instructions to the sites and their replies back (model entries and metrics only)."""
+
+    def sites(self) -> list[SiteInfo]:
+        """Every site of the federation, by ascending number."""
+
+    def fit(self, instructions: Mapping[int, FitInstruction]) -> dict[int, FitReply] | AggregatedFit:
+        """Local training at the sites ``instructions`` names; a site missing from the result did not answer.
+
+        A transport that aggregates securely returns the average alone (:class:`AggregatedFit`).
+        """
+
+    def evaluate(self, global_state: dict[str, torch.Tensor], numbers: Sequence[int], batch_size: int) -> dict[int, SiteEvaluation]:
+        """The global model on the local validation part of each site in ``numbers``; missing: no answer."""
+
+    def state_dict(self) -> dict:
+        """Site-held state that the server's checkpoint must carry (empty when the sites keep it themselves)."""
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`'s output (an empty dict: sites that never trained)."""
+
+
+class InProcessTransport:
+    """Every site in this process: :class:`.site.Site` objects sharing one model instance.
+
+    Parameters
+    ----------
+    sites : sequence of Site
+        Numbered ``1..N`` in any order.
+    model : nn.Module
+        The federation's architecture; trained and evaluated in place (its weights are overwritten).
+    """
+
+    def __init__(self, sites: Sequence[Site], model: nn.Module) -> None:
+        self._sites = {site.number: site for site in sites}
+        self._model = model
+
+    def sites(self) -> list[SiteInfo]:
+        return [self._sites[number].info for number in sorted(self._sites)]
+
+    def fit(self, instructions: Mapping[int, FitInstruction]) -> dict[int, FitReply]:
+        return {number: self._sites[number].fit(self._model, instruction) for number, instruction in instructions.items()}
+
+    def evaluate(self, global_state: dict[str, torch.Tensor], numbers: Sequence[int], batch_size: int) -> dict[int, SiteEvaluation]:
+        return {number: self._sites[number].evaluate(self._model, global_state, batch_size=batch_size) for number in numbers}
+
+    def state_dict(self) -> dict:
+        return {str(number): site.state_dict() for number, site in self._sites.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for number, site in self._sites.items():
+            site.load_state_dict(state.get(str(number), {}))
 
 
 @dataclass
@@ -137,7 +213,7 @@ class _ServerState:
     best_state: dict
     best_round: int = 0
     records: list[dict] = field(default_factory=list)
-    site_local: dict[int, dict] = field(default_factory=dict)  # FedBN: each site's BatchNorm entries
+    site_states: dict = field(default_factory=dict)  # the transport's state_dict()
 
     @property
     def finished(self) -> int:
@@ -146,7 +222,7 @@ class _ServerState:
 
 def run_federation(
     model: nn.Module,
-    sites: Sequence[SiteData],
+    sites: Sequence[SiteData] | Transport,
     run: FederationRun,
     federation: FederationParams,
     train: TrainParams,
@@ -155,6 +231,7 @@ def run_federation(
     data_key: str,
     on_round: Callable[[dict], None] | None = None,
     progress: bool = False,
+    privacy: Mapping[int, PrivateTraining] | None = None,
 ) -> FederationResult:
     """Train ``model`` federatedly over ``sites`` for ``run.rounds`` rounds, resuming from a checkpoint.
 
@@ -162,8 +239,9 @@ def run_federation(
     ----------
     model : nn.Module
         Its current weights are the initial global model; it ends holding the best global weights.
-    sites : sequence of SiteData
-        Every site, each with non-empty local train and validation parts.
+    sites : sequence of SiteData, or Transport
+        Every site's local data (each with non-empty train and validation parts), trained in this
+        process through :class:`InProcessTransport`; or a transport that reaches the sites elsewhere.
     run : FederationRun
         ``strategy`` and ``rounds``.
     federation : FederationParams
@@ -178,28 +256,50 @@ def run_federation(
         Called with each round's record once the round is checkpointed; after a resume, first with
         every restored record, so a fresh tracking run receives the whole history.
     progress : bool
-        Show local training progress bars.
+        Show local training progress bars (in-process sites).
+    privacy : mapping of int to PrivateTraining, optional
+        In-process sites that train with DP-SGD (:func:`leukofed.privacy.dp.site_privacy`), by
+        number; their accountants are checkpointed with the site states. Put the DP settings into
+        ``data_key`` so that a checkpoint made with others is not resumed.
 
     Returns
     -------
     FederationResult
         Each record holds ``round``, ``selected``, ``accepted``, ``rejected`` (site -> reason),
-        ``kept_previous``, ``lr`` (the round's local learning rate), ``val_loss``, ``val_accuracy``, ``bytes_sent``, ``bytes_received``,
+        ``lr`` (the round's local learning rate), ``val_loss``, ``val_accuracy``, ``bytes_sent``, ``bytes_received``,
         ``seconds``, ``train_seconds``, ``aggregate_seconds``, ``eval_seconds`` and ``sites``
         (site number -> ``train_loss``, ``train_accuracy``, ``val_loss``, ``val_accuracy``,
-        ``bytes_sent``, ``bytes_received``; training entries None when not selected or rejected).
+        ``bytes_sent``, ``bytes_received``; training entries None when not selected or rejected;
+        DP sites send ``epsilon`` and ``delta`` spent so far instead of their training loss and accuracy);
+        rounds aggregated securely (:class:`AggregatedFit`) also hold ``secure_aggregation: True``.
+
+    Raises
+    ------
+    InsufficientSitesError
+        If a round gets fewer than ``federation.min_sites`` valid updates, or no site evaluates;
+        the checkpoint then holds the round before it.
+    leukofed.privacy.dp.PrivacyBudgetError
+        If a DP site's next round would pass its epsilon budget; the checkpoint holds the round before it.
     """
     local_keys = batchnorm_keys(model) if federation.batchnorm == "local" else frozenset()
+    if not hasattr(sites, "fit"):
+        privacy = privacy or {}
+        sites = InProcessTransport([Site(data, progress=progress, privacy=privacy.get(data.number))
+                                    for data in sites], model)
+    transport: Transport = sites
+    infos = transport.sites()
     initial = _snapshot(model.state_dict())
-    signature = _signature(initial, run, federation, train, sites, data_key)
+    signature = _signature(initial, run, federation, train, infos, data_key)
     path = Path(checkpoint_dir) / CHECKPOINT_FILE
     state = _load_checkpoint(path, signature) or _fresh_state(initial, signature, run.strategy, federation, model)
+    transport.load_state_dict(state.site_states)
     resumed_from = state.finished
     for record in state.records if on_round is not None else []:
         on_round(record)
     mu = federation.fedprox.mu if run.strategy == "fedprox" else 0.0
     for round_number in range(state.finished + 1, run.rounds + 1):
-        record = _run_round(model, sites, state, round_number, run, federation, train, local_keys, mu, progress)
+        record = _run_round(model, transport, infos, state, round_number, run, federation, train, local_keys, mu)
+        state.site_states = transport.state_dict()
         _save_checkpoint(path, state)
         if on_round is not None:
             on_round(record)
@@ -212,7 +312,8 @@ def run_federation(
 
 def _run_round(
     model: nn.Module,
-    sites: Sequence[SiteData],
+    transport: Transport,
+    infos: Sequence[SiteInfo],
     state: _ServerState,
     round_number: int,
     run: FederationRun,
@@ -220,57 +321,64 @@ def _run_round(
     train: TrainParams,
     local_keys: frozenset[str],
     mu: float,
-    progress: bool,
 ) -> dict:
-    """One round: local training at the selected sites, aggregation, server-side evaluation."""
+    """One round: local training at the selected sites, aggregation, evaluation at every site."""
     started = time.perf_counter()
-    n_selected = math.ceil(federation.fraction_fit * len(sites))
-    selected = np.sort(state.rng.choice(len(sites), size=n_selected, replace=False))
+    n_selected = math.ceil(federation.fraction_fit * len(infos))
+    selected = [infos[index].number for index in np.sort(state.rng.choice(len(infos), size=n_selected, replace=False))]
     seeds = state.rng.integers(0, SEED_BOUND, size=n_selected)
     local_train = train.model_copy(update={"lr": round_lr(train, round_number, run.rounds), "lr_schedule": "constant"})
     sent_keys = exchanged_keys(state.global_state, local_keys)
-    received_keys = exchanged_keys(state.global_state)
-    site_records = {site.number: _idle_site() for site in sites}
-    accepted, updates, weights, rejected = [], [], [], {}
-    for index, seed in zip(selected, seeds, strict=True):
-        site = sites[index]
-        entry = site_records[site.number]
-        entry["bytes_sent"] = state_nbytes(state.global_state, sent_keys)
-        update, history, reason = _train_site(model, site, state, local_train.model_copy(update={"seed": int(seed)}),
-                                              federation.local_epochs, mu, progress)
-        if update is not None:
-            entry["bytes_received"] = state_nbytes(update, received_keys)
-            reason = reason or _non_finite_reason(update, received_keys)
-        if reason is not None:
-            rejected[site.number] = reason
-            continue
-        entry |= {"train_loss": history["train_loss"], "train_accuracy": history["train_accuracy"]}
-        accepted.append(site.number)
-        updates.append(update)
-        weights.append(len(site.train_labels))
-    train_seconds = time.perf_counter() - started
+    sent = {key: state.global_state[key] for key in sent_keys}
+    site_records = {info.number: _idle_site() for info in infos}
+    instructions = {}
+    for number, seed in zip(selected, seeds, strict=True):
+        instructions[number] = FitInstruction(round_number, sent, local_train.model_copy(update={"seed": int(seed)}),
+                                              federation.local_epochs, mu, local_keys)
+        site_records[number]["bytes_sent"] = state_nbytes(state.global_state, sent_keys)
+    replies = transport.fit(instructions)
+    secure = isinstance(replies, AggregatedFit)
 
-    kept_previous = len(updates) < federation.min_sites
-    if not kept_previous:
-        for number, update in zip(accepted, updates, strict=True):
-            if local_keys:  # FedBN: the site keeps the BatchNorm entries it trained
-                state.site_local[number] = {key: update[key] for key in local_keys}
-        average = weighted_average(updates, weights, received_keys)
-        optimized = parameter_keys(model) & set(average)
-        entries, state.optimizer_state = server_step(
-            run.strategy, state.global_state, average, state.optimizer_state, optimized, federation
+    received_keys = exchanged_keys(state.global_state)
+    accepted, updates, weights, rejected = [], [], [], {}
+    if secure:
+        accepted, rejected = _secure_sites(replies, selected, state.global_state, received_keys, site_records)
+    for number in selected if not secure else []:
+        reply = replies.get(number)
+        reason = NO_REPLY if reply is None else reply.failure
+        if reason is None:
+            site_records[number]["bytes_received"] = state_nbytes(reply.entries, reply.entries)
+            reason = _invalid_update_reason(reply, state.global_state, received_keys)
+        if reason is not None:
+            rejected[number] = reason
+            continue
+        site_records[number] |= {key: reply.metrics.get(key) for key in ("train_loss", "train_accuracy")}  # DP: withheld
+        site_records[number] |= {key: reply.metrics[key] for key in PRIVACY_METRICS if key in reply.metrics}
+        accepted.append(number)
+        updates.append(reply.entries)
+        weights.append(reply.num_examples)
+    train_seconds = time.perf_counter() - started
+    if len(accepted) < federation.min_sites:
+        raise InsufficientSitesError(
+            f"round {round_number}: {len(accepted)} valid update(s) (sites {accepted or 'none'}; rejected: "
+            f"{_rejections(rejected)}), fewer than federation.min_sites={federation.min_sites}; the run stopped and its "
+            f"checkpoint keeps round {round_number - 1}: bring the sites back and rerun the same command to resume"
         )
-        state.global_state = {**state.global_state, **entries}
+
+    average = replies.entries if secure else weighted_average(updates, weights, received_keys)
+    optimized = parameter_keys(model) & set(average)
+    entries, state.optimizer_state = server_step(
+        run.strategy, state.global_state, average, state.optimizer_state, optimized, federation
+    )
+    state.global_state = {**state.global_state, **entries}
     aggregate_seconds = time.perf_counter() - started - train_seconds
 
-    model.load_state_dict(state.global_state)
-    val_loss, val_accuracy = _evaluate_sites(model, sites, train.eval_batch_size, site_records)
+    val_loss, val_accuracy = _evaluate_sites(transport, state.global_state, train.eval_batch_size, site_records, round_number)
     record = {
         "round": round_number,
-        "selected": [sites[index].number for index in selected],
+        "selected": selected,
         "accepted": accepted,
         "rejected": rejected,
-        "kept_previous": kept_previous,
         "lr": local_train.lr,
         "val_loss": val_loss,
         "val_accuracy": val_accuracy,
@@ -281,11 +389,49 @@ def _run_round(
         "aggregate_seconds": aggregate_seconds,
         "eval_seconds": time.perf_counter() - started - train_seconds - aggregate_seconds,
         "sites": site_records,
-    }
+    } | ({"secure_aggregation": True} if secure else {})
     state.records.append(record)
     if _improves(record, state.records[state.best_round - 1] if state.best_round else None):
         state.best_round, state.best_state = round_number, state.global_state
     return record
+
+
+def _secure_sites(
+    result: AggregatedFit, selected: Sequence[int], global_state: dict, keys: list[str], site_records: dict
+) -> tuple[list[int], dict[int, str]]:
+    """The accepted sites and rejections of a securely aggregated round; fills the sites' clear-text records.
+
+    Only the average can be checked here: if it does not match the model or holds NaN/inf, every
+    site in it is rejected with that reason.
+    """
+    rejected = {number: SECURE_DROPOUT for number in selected if number not in result.accepted}
+    if result.entries is None:
+        return [], {number: SECURE_DROPOUT for number in selected}
+    reason = _invalid_update_reason(FitReply(result.entries, sum(result.num_examples.values())), global_state, keys)
+    if reason is not None:
+        return [], rejected | {number: f"secure aggregate: {reason}" for number in result.accepted}
+    for number in result.accepted:
+        site_records[number] |= {key: result.metrics[number].get(key) for key in ("train_loss", "train_accuracy")}
+        site_records[number]["bytes_received"] = result.bytes_received.get(number, 0)
+    return list(result.accepted), rejected
+
+
+def _rejections(rejected: dict[int, str]) -> str:
+    return "; ".join(f"site {site}: {reason}" for site, reason in rejected.items()) or "none"
+
+
+def _invalid_update_reason(reply: FitReply, global_state: dict, keys: list[str]) -> str | None:
+    """Why a reply's entries cannot be averaged (other keys, shapes or dtypes than the model's; NaN/inf), or None."""
+    entries = reply.entries
+    if set(entries) != set(keys):
+        missing, extra = sorted(set(keys) - set(entries)), sorted(set(entries) - set(keys))
+        return f"update does not match the model (missing {missing[:3]}, unexpected {extra[:3]})"
+    wrong = [key for key in keys if entries[key].shape != global_state[key].shape or entries[key].dtype != global_state[key].dtype]
+    if wrong:
+        return f"update does not match the model (shape or dtype of {', '.join(wrong[:3])})"
+    if not reply.num_examples > 0:
+        return f"update claims {reply.num_examples} training examples"
+    return non_finite_reason(entries, keys)
 
 
 def round_lr(train: TrainParams, round_number: int, rounds: int) -> float:
@@ -305,42 +451,25 @@ def _idle_site() -> dict:
             "bytes_sent": 0, "bytes_received": 0}
 
 
-def _train_site(
-    model: nn.Module, site: SiteData, state: _ServerState, params: TrainParams, epochs: int, mu: float, progress: bool
-) -> tuple[dict | None, dict | None, str | None]:
-    """Local training from the global weights (FedBN: with the site's own BatchNorm entries).
-
-    Returns the site's weights and last-epoch history record, or (None, None, reason) if training diverged.
-    """
-    model.load_state_dict(state.global_state)
-    if site.number in state.site_local:
-        model.load_state_dict(state.site_local[site.number], strict=False)
-    try:
-        result = train_model(
-            model, site.train_images, site.train_labels, params, epochs=epochs, proximal_mu=mu, progress=progress
+def _evaluate_sites(
+    transport: Transport, global_state: dict, batch_size: int, site_records: dict, round_number: int
+) -> tuple[float, float]:
+    """Every site's loss and accuracy of the global model; returns their sample-weighted means over the sites that answered."""
+    results = transport.evaluate(global_state, list(site_records), batch_size)
+    if not results:
+        raise InsufficientSitesError(
+            f"round {round_number}: no site answered the evaluation; the run stopped and its checkpoint keeps round "
+            f"{round_number - 1}: bring the sites back and rerun the same command to resume"
         )
-    except NonFiniteLossError as error:
-        return None, None, f"non-finite training loss ({error})"
-    return result.state_dict, result.history[-1], None
-
-
-def _non_finite_reason(update: dict, keys: list[str]) -> str | None:
-    bad = non_finite_keys(update, keys)
-    return f"non-finite values in the update ({', '.join(bad)})" if bad else None
-
-
-def _evaluate_sites(model: nn.Module, sites: Sequence[SiteData], batch_size: int, site_records: dict) -> tuple[float, float]:
-    """Loss and accuracy of ``model`` on each site's validation part; returns their sample-weighted means."""
     losses, correct, total = 0.0, 0, 0
-    for site in sites:
-        proba = predict_proba(model, site.val_images, batch_size)
-        picked = np.maximum(proba[np.arange(len(site.val_labels)), site.val_labels], _PROBABILITY_FLOOR)
-        site_loss = float(-np.log(picked.astype(np.float64)).mean())
-        site_correct = int((proba.argmax(axis=1) == site.val_labels).sum())
-        site_records[site.number] |= {"val_loss": site_loss, "val_accuracy": site_correct / len(site.val_labels)}
-        losses += site_loss * len(site.val_labels)
-        correct += site_correct
-        total += len(site.val_labels)
+    for number in site_records:
+        if number not in results:
+            continue
+        loss, accuracy, n = results[number]
+        site_records[number] |= {"val_loss": loss, "val_accuracy": accuracy}
+        losses += loss * n
+        correct += round(accuracy * n)  # accuracy is correct / n: the count is recovered exactly
+        total += n
     return losses / total, correct / total
 
 
@@ -386,13 +515,13 @@ def _snapshot(state: dict) -> dict:
 
 
 def _signature(
-    initial: dict, run: FederationRun, federation: FederationParams, train: TrainParams, sites: Sequence[SiteData],
+    initial: dict, run: FederationRun, federation: FederationParams, train: TrainParams, sites: Sequence[SiteInfo],
     data_key: str,
 ) -> str:
     """A hash of everything the result depends on: a checkpoint with another signature is not resumed."""
     digest = hashlib.sha256()
     settings = {"run": run.model_dump(), "federation": federation.model_dump(), "train": train.model_dump(),
-                "data": data_key, "sites": [(site.number, len(site.train_labels), len(site.val_labels)) for site in sites]}
+                "data": data_key, "sites": [(site.number, site.n_train, site.n_val) for site in sites]}
     digest.update(json.dumps(settings, sort_keys=True).encode())
     for key, value in initial.items():
         digest.update(key.encode())
@@ -420,7 +549,7 @@ def _save_checkpoint(path: Path, state: _ServerState) -> None:
         "best_state": state.best_state,
         "best_round": state.best_round,
         "records": state.records,
-        "site_local": {str(site): entries for site, entries in state.site_local.items()},
+        "site_states": state.site_states,
     }
     with atomic_path(path, suffix=".pt") as tmp:
         torch.save(payload, tmp)
@@ -446,7 +575,7 @@ def _load_checkpoint(path: Path, signature: str) -> _ServerState | None:
         best_state=payload["best_state"],
         best_round=payload["best_round"],
         records=payload["records"],
-        site_local={int(site): entries for site, entries in payload["site_local"].items()},
+        site_states=payload["site_states"],
     )
 
 
@@ -470,8 +599,10 @@ def round_table(records: Sequence[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def summarize(result: FederationResult, sites: Sequence[SiteData]) -> dict:
+def summarize(result: FederationResult, sites: Sequence[SiteData | SiteInfo]) -> dict:
     """What a federated run achieved and cost: scores, fairness, bytes, faults and timings.
+
+    Sites that did not answer a round's evaluation are left out of its fairness statistics.
 
     Returns
     -------
@@ -481,7 +612,7 @@ def summarize(result: FederationResult, sites: Sequence[SiteData]) -> dict:
         ``bytes`` (``sent``, ``received``: totals over all rounds and sites), ``sites`` (site ->
         ``n_train``, ``n_val``, ``rounds_selected``, ``rounds_rejected``, ``bytes_sent``,
         ``bytes_received``, ``val_accuracy_best``, ``val_accuracy_final``), ``rejections`` (``round``,
-        ``site``, ``reason``), ``kept_previous_rounds`` and ``timing`` (seconds per round: ``round_mean``, ``round_median``
+        ``site``, ``reason``) and ``timing`` (seconds per round: ``round_mean``, ``round_median``
         (robust to the first round's one-off kernel set-up), ``train_mean``, ``aggregate_mean``, ``eval_mean``).
     """
     records = result.records
@@ -490,8 +621,8 @@ def summarize(result: FederationResult, sites: Sequence[SiteData]) -> dict:
     for site in sites:
         entries = [record["sites"][site.number] for record in records]
         per_site[site.number] = {
-            "n_train": len(site.train_labels),
-            "n_val": len(site.val_labels),
+            "n_train": site.n_train,
+            "n_val": site.n_val,
             "rounds_selected": sum(site.number in record["selected"] for record in records),
             "rounds_rejected": sum(site.number in record["rejected"] for record in records),
             "bytes_sent": sum(entry["bytes_sent"] for entry in entries),
@@ -505,7 +636,7 @@ def summarize(result: FederationResult, sites: Sequence[SiteData]) -> dict:
         "best": {key: best[key] for key in ("val_accuracy", "val_loss")},
         "final": {key: final[key] for key in ("val_accuracy", "val_loss")},
         "fairness": {
-            name: fairness([entry["val_accuracy"] for entry in record["sites"].values()])
+            name: fairness([entry["val_accuracy"] for entry in record["sites"].values() if entry["val_accuracy"] is not None])
             for name, record in (("best", best), ("final", final))
         },
         "bytes": {key: sum(record[f"bytes_{key}"] for record in records) for key in ("sent", "received")},
@@ -514,7 +645,6 @@ def summarize(result: FederationResult, sites: Sequence[SiteData]) -> dict:
             {"round": record["round"], "site": site, "reason": reason}
             for record in records for site, reason in record["rejected"].items()
         ],
-        "kept_previous_rounds": [record["round"] for record in records if record["kept_previous"]],
         "timing": {
             f"{name}_mean": float(np.mean([record[key] for record in records]))
             for name, key in (("round", "seconds"), ("train", "train_seconds"),
