@@ -21,8 +21,9 @@ Every timed unit starts once the CPUs are quiet (``--max-busy``); the other stag
 recorded, so a last run on a busy machine makes the estimate pessimistic.
 
 A scenario (``--scenario "label: key=value,..."``, keys ``epochs`` (centralized), ``rounds`` (every
-run), ``local_epochs``, ``runs`` (names joined by ``+``); unset keys keep params.yaml's values)
-is then estimated as the sum of its stages; stages of runs a scenario leaves out are dropped. The
+run), ``local_epochs``, ``runs`` (names joined by ``+``), ``drop`` (stages or rules left out, e.g.
+``privacy``, joined by ``+``); unset keys keep params.yaml's values) is then estimated as the sum of
+its stages; stages of runs a scenario leaves out are dropped too. The
 sum assumes one stage at a time (``snakemake --cores 2`` with ``runtime.threads: 2``).
 
 Usage (from the repository root, after one pipeline run on the dataset)::
@@ -55,7 +56,7 @@ from leukofed.model import build_model
 from leukofed.training import configure_torch, train_model
 
 HERE = Path(__file__).resolve().parent
-SCENARIO_KEYS = ("epochs", "rounds", "local_epochs", "runs")
+SCENARIO_KEYS = ("epochs", "rounds", "local_epochs", "runs", "drop")
 CENTRALIZED_STAGE = "train_centralized"
 FEDERATE_PREFIX = "federate_"
 
@@ -72,7 +73,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, help="torch threads (default: runtime.threads)")
     add_quiet_argument(parser)
     parser.add_argument("--scenario", action="append", default=[],
-                        help="'label: key=value,...' with keys epochs, rounds, local_epochs, runs (a+b); repeatable")
+                        help="'label: key=value,...' with keys epochs, rounds, local_epochs, runs (a+b), drop (stages or rules, a+b); repeatable")
     parser.add_argument("--note", default="", help="free text recorded with the numbers (e.g. what else ran)")
     parser.add_argument("--out", type=Path, help="result JSON (default: benchmarks/results/pipeline_estimate_<dataset>.json)")
     return parser.parse_args(argv)
@@ -84,12 +85,14 @@ def parse_scenario(text: str, params: Params) -> dict:
     if not body.strip():
         raise ConfigError(f"--scenario {text!r}: expected 'label: key=value,...' with keys {', '.join(SCENARIO_KEYS)}")
     settings = {"label": label.strip(), "epochs": params.train.epochs, "rounds": None,
-                "local_epochs": params.federation.local_epochs, "runs": list(params.federation.runs)}
+                "local_epochs": params.federation.local_epochs, "runs": list(params.federation.runs), "drop": []}
     for item in body.split(","):
         key, _, value = (part.strip() for part in item.partition("="))
         if key not in SCENARIO_KEYS or not value:
             raise ConfigError(f"--scenario {text!r}: '{item.strip()}' is not key=value with a key of {', '.join(SCENARIO_KEYS)}")
-        if key == "runs":
+        if key == "drop":
+            settings["drop"] = [name.strip() for name in value.split("+")]
+        elif key == "runs":
             settings["runs"] = [name.strip() for name in value.split("+")]
             unknown = sorted(set(settings["runs"]) - set(params.federation.runs))
             if unknown:
@@ -180,7 +183,7 @@ def estimate(settings: dict, centralized: dict, rounds: dict[str, dict], stages:
     entries = {}
     for stage in stages:
         name = stage["stage"]
-        if any(name.endswith(f"_{run}") for run in dropped):
+        if any(name.endswith(f"_{run}") for run in dropped) or name in settings["drop"] or stage.get("rule") in settings["drop"]:
             continue
         entries[name] = stage["fixed_seconds"]
     entries[CENTRALIZED_STAGE] = entries.get(CENTRALIZED_STAGE, 0.0) + settings["epochs"] * centralized["per_epoch_seconds"]

@@ -29,7 +29,7 @@ def test_a_scenario_keeps_params_values_for_unset_keys(params):
     settings = pipeline_estimate.parse_scenario("short: rounds=4, runs=fedavg-3+fedavg-5", params)
 
     assert settings == {"label": "short", "epochs": params.train.epochs, "rounds": 4,
-                        "local_epochs": params.federation.local_epochs, "runs": ["fedavg-3", "fedavg-5"]}
+                        "local_epochs": params.federation.local_epochs, "runs": ["fedavg-3", "fedavg-5"], "drop": []}
 
 
 @pytest.mark.parametrize("text, named", [
@@ -50,13 +50,15 @@ def test_estimate_adds_fixed_parts_epochs_and_rounds_and_drops_left_out_runs(par
     centralized = {"per_epoch_seconds": 7.0}
     rounds = {run: {"train_seconds_per_local_epoch": 6.0, "rest_seconds": 1.0} for run in runs}
     kept = runs[:2]
-    settings = {"label": "t", "epochs": 10, "rounds": 5, "local_epochs": 2, "runs": kept}
+    stages.append({"stage": "privacy", "rule": "privacy", "fixed_seconds": 400})
+    settings = {"label": "t", "epochs": 10, "rounds": 5, "local_epochs": 2, "runs": kept, "drop": ["privacy"]}
 
     result = pipeline_estimate.estimate(settings, centralized, rounds, stages, params)
 
     assert result["stages_seconds"]["train_centralized"] == pytest.approx(20 + 10 * 7)
     assert all(result["stages_seconds"][f"federate_{run}"] == pytest.approx(30 + 5 * (2 * 6 + 1)) for run in kept)
     assert not any(name.endswith(f"_{runs[2]}") for name in result["stages_seconds"])
+    assert "privacy" not in result["stages_seconds"]
     assert result["total_seconds"] == pytest.approx(10 + 90 + 5 + 2 * (95 + 5))
 
 
