@@ -33,7 +33,7 @@ from pathlib import Path
 from torch import nn
 
 from machine import describe
-from workload import add_quiet_argument, wait_until_quiet
+from workload import add_quiet_argument, quiet_run
 
 from leukofed import stages
 from leukofed.config import FederationRun, Params, load_params
@@ -149,18 +149,16 @@ def time_centralized(work: Workload) -> float:
     return centralized_equivalent_seconds(work.fresh_model(), work.sites, params.train, params.federation.local_epochs)
 
 
-def measure(work: Workload, repeats: int, warmup: int, workdir: Path, max_busy: float = 1.0) -> list[dict]:
+def measure(work: Workload, repeats: int, warmup: int, workdir: Path, max_busy: float = 1.0, retries: int = 0) -> list[dict]:
     """Interleaved repetitions; the order alternates so neither side always runs on a warmer machine.
 
-    Each side starts once other processes keep the CPUs at most ``max_busy`` busy (1: no wait).
+    Each side runs on a quiet CPU (:func:`workload.quiet_run`; ``max_busy`` 1: no checks).
     """
     def round_() -> dict:
-        wait_until_quiet(max_busy)
-        return time_round(work, workdir)
+        return quiet_run(lambda: time_round(work, workdir), max_busy, retries)[0]
 
     def centralized_() -> float:
-        wait_until_quiet(max_busy)
-        return time_centralized(work)
+        return quiet_run(lambda: time_centralized(work), max_busy, retries)[0]
 
     samples = []
     for index in range(warmup + repeats):
@@ -206,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
             sites, n_classes, image_size = load_sites(cache, partition, run.sites)
             machine_before = describe(threads)
             work = Workload(params, run, sites, n_classes, threads)
-            samples = measure(work, args.repeats, args.warmup, Path(tmp), args.max_busy)
+            samples = measure(work, args.repeats, args.warmup, Path(tmp), args.max_busy, args.retries)
             built = args.project is None and args.cache is None
     except LeukofedError as error:
         print(f"fl_round_vs_centralized: error: {error}", file=sys.stderr)
@@ -235,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
             "repeats": args.repeats,
             "warmup": args.warmup,
             "max_busy": args.max_busy,
+            "retries": args.retries,
         },
         "samples": samples,
         "summary": summarise(samples),

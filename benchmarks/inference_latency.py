@@ -48,7 +48,7 @@ QUIET_WINDOW = 0.25  # seconds of CPU idleness sampled before each timed batch p
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_input_arguments(parser)
-    add_quiet_argument(parser)
+    add_quiet_argument(parser, retries=False)
     parser.add_argument("--model", type=Path, help="checkpoint to time (default: the project's centralized model, else a fresh model)")
     parser.add_argument("--batch-size", type=int, nargs="+", default=[DEFAULT_BATCH],
                         help=f"images per inference batch; several give one entry each (default: {DEFAULT_BATCH})")

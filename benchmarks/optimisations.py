@@ -37,7 +37,6 @@ import argparse
 import shlex
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -47,7 +46,7 @@ import torch.nn.functional as F
 
 import reference
 from machine import describe
-from workload import add_input_arguments, add_quiet_argument, cache_and_split, median, split_part, wait_until_quiet
+from workload import add_input_arguments, add_quiet_argument, cache_and_split, median, quiet_run, split_part
 
 from leukofed.config import Params, load_params
 from leukofed.errors import LeukofedError
@@ -154,18 +153,16 @@ def inference_variants(bench: Bench) -> dict[str, Callable[[], None]]:
     return {"before": run(True), "after": run(False)}
 
 
-def measure(variants: dict[str, Callable[[], None]], repeats: int, warmup: int, label: str, max_busy: float) -> dict[str, list[float]]:
-    """Seconds of each variant per repetition; the order rotates every repetition, each run waits for a quiet CPU."""
+def measure(variants: dict[str, Callable[[], None]], repeats: int, warmup: int, label: str, max_busy: float,
+            retries: int) -> dict[str, list[float]]:
+    """Seconds of each variant per repetition; the order rotates every repetition, each run on a quiet CPU."""
     names = list(variants)
     seconds: dict[str, list[float]] = {name: [] for name in names}
     for index in range(warmup + repeats):
         shift = index % len(names)
         line = []
         for name in names[shift:] + names[:shift]:
-            wait_until_quiet(max_busy)
-            started = time.perf_counter()
-            variants[name]()
-            elapsed = time.perf_counter() - started
+            _, elapsed, _ = quiet_run(variants[name], max_busy, retries)
             line.append(f"{name} {elapsed:.2f}")
             if index >= warmup:
                 seconds[name].append(elapsed)
@@ -227,11 +224,12 @@ def main(argv: list[str] | None = None) -> int:
     machine_before = describe(threads)
     checks = equivalence(bench)
     print(f"equivalence: {checks}", flush=True)
-    steps = summarise(measure(step_variants(bench), args.repeats, args.warmup, "training step", args.max_busy), n_step_images)
-    augmentation = summarise(measure(augmentation_variants(bench), args.repeats, args.warmup, "augmentation", args.max_busy),
+    quiet = (args.max_busy, args.retries)
+    steps = summarise(measure(step_variants(bench), args.repeats, args.warmup, "training step", *quiet), n_step_images)
+    augmentation = summarise(measure(augmentation_variants(bench), args.repeats, args.warmup, "augmentation", *quiet),
                              n_step_images)
     n_inference = params.train.eval_batch_size * max(1, len(bench.batches) // 2)
-    inference = summarise(measure(inference_variants(bench), args.repeats, args.warmup, "inference", args.max_busy),
+    inference = summarise(measure(inference_variants(bench), args.repeats, args.warmup, "inference", *quiet),
                           min(n_inference, len(images)))
     result = {
         "benchmark": "optimisations",
@@ -243,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
         "data": {"dataset": dataset, "cache": str(cache) if args.project or args.cache else "synthetic, built in a temp dir",
                  "n_images_per_repeat": n_step_images, "image_size": int(images.shape[1])},
         "params": {"train": params.train.model_dump(), "model": params.model.model_dump(), "steps": args.steps,
-                   "threads": threads, "repeats": args.repeats, "warmup": args.warmup, "max_busy": args.max_busy},
+                   "threads": threads, "repeats": args.repeats, "warmup": args.warmup, "max_busy": args.max_busy,
+                   "retries": args.retries},
         "equivalence": checks,
         "training_step": steps,
         "augmentation_only": {name: entry | {"ms_per_batch": 1000 * entry["median_seconds"] / len(bench.batches)}

@@ -7,6 +7,9 @@ partition with the in-process engine, best round by global validation accuracy),
 as the evaluate stage does. No MLflow, no files other than the result JSON. The learning-rate
 schedule follows the overridden length (cosine over the epochs, or over the rounds).
 
+Without ``--project`` (or ``--cache``/``--split``) the synthetic dataset of params.yaml is built,
+split and partitioned in a temporary folder.
+
 Usage (from the repository root, after the pipeline has built the cache, split and partitions)::
 
     .venv/bin/python benchmarks/params_trial.py --project . --dataset all-aria2021 --model fedavg-5 --rounds 10
@@ -28,6 +31,7 @@ from fl_round_vs_centralized import load_sites, pick_run
 from machine import describe
 from workload import add_input_arguments, cache_and_split, split_part
 
+from leukofed import stages
 from leukofed.config import load_params
 from leukofed.data.partition import PARTITION_FILE
 from leukofed.errors import DataError, LeukofedError
@@ -84,10 +88,13 @@ def main(argv: list[str] | None = None) -> int:
                 run = run.model_copy(update={"rounds": args.rounds or run.rounds})
                 federation = params.federation.model_copy(update={"local_epochs": args.local_epochs or params.federation.local_epochs})
                 settings = {"rounds": run.rounds, "local_epochs": federation.local_epochs}
-                project = args.project or Path(tmp)
-                partition = project / "results" / dataset / "partitions" / f"sites-{run.sites}" / PARTITION_FILE
+                if args.project is None:  # data built in the temp dir: partition it there too
+                    partition = Path(tmp) / f"sites-{run.sites}" / PARTITION_FILE
+                    stages.partition(params, cache, split, run.sites, partition.parent)
+                else:
+                    partition = args.project / "results" / dataset / "partitions" / f"sites-{run.sites}" / PARTITION_FILE
                 if not partition.is_file():
-                    raise DataError(f"{partition}: not found; run the partition stage for {run.sites} sites first (needs --project)")
+                    raise DataError(f"{partition}: not found; run the partition stage for {run.sites} sites first")
                 sites, _, _ = load_sites(cache, partition, run.sites)
                 result = run_federation(model, sites, run, federation, params.train, checkpoint_dir=Path(tmp) / "checkpoint",
                                         data_key="params-trial",

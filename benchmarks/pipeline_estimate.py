@@ -46,7 +46,7 @@ import pandas as pd
 from fl_round_vs_centralized import Workload, load_sites, pick_run, time_round
 from machine import describe
 from stage_times import collect
-from workload import add_quiet_argument, cache_and_split, split_part, wait_until_quiet
+from workload import add_quiet_argument, cache_and_split, quiet_run, split_part
 
 from leukofed.config import Params, load_params
 from leukofed.data.partition import PARTITION_FILE
@@ -104,26 +104,25 @@ def parse_scenario(text: str, params: Params) -> dict:
     return settings
 
 
-def measure_centralized(params: Params, cache: Path, split: Path, threads: int, epochs: int, max_busy: float) -> dict:
+def measure_centralized(params: Params, cache: Path, split: Path, threads: int, epochs: int, quiet: tuple[float, int]) -> dict:
     """Median seconds of one centralized epoch (training + validation) on the real split, over ``epochs`` gated runs."""
     images, labels, n_classes = split_part(cache, split, "train")
     val_images, val_labels, _ = split_part(cache, split, "val")
-    seconds = []
-    for index in range(1 + epochs):  # the first run warms up (kernel set-up, allocator) and is not counted
-        if index:
-            wait_until_quiet(max_busy)
+    def one_epoch() -> float:
         configure_torch(threads, params.train.seed)
         model = build_model(params.model, n_classes)
         result = train_model(model, images, labels, params.train, val_images=val_images, val_labels=val_labels, epochs=1)
-        if index:
-            seconds.append(result.history[0]["seconds"])
+        return result.history[0]["seconds"]
+
+    one_epoch()  # warm-up (kernel set-up, allocator), not counted
+    seconds = [quiet_run(one_epoch, *quiet)[0] for _ in range(epochs)]
     print(f"centralized: epochs {', '.join(f'{value:.1f}' for value in seconds)} s", flush=True)
     return {"epoch_seconds": seconds, "per_epoch_seconds": statistics.median(seconds),
             "n_train": len(labels), "n_val": len(val_labels)}
 
 
 def measure_round(params: Params, project: Path, dataset: str, name: str, threads: int, repeats: int, workdir: Path,
-                  max_busy: float) -> dict:
+                  quiet: tuple[float, int]) -> dict:
     """Median seconds of one round of run ``name``, split into local training per local epoch, evaluation and the rest."""
     _, run = pick_run(params, name)
     partition = project / "results" / dataset / "partitions" / f"sites-{run.sites}" / PARTITION_FILE
@@ -131,10 +130,7 @@ def measure_round(params: Params, project: Path, dataset: str, name: str, thread
         raise DataError(f"{partition}: not found; run the partition stage for {run.sites} sites first")
     sites, n_classes, _ = load_sites(project / "data" / dataset / "cache", partition, run.sites)
     work = Workload(params, run, sites, n_classes, threads)
-    rounds = []
-    for _ in range(repeats):
-        wait_until_quiet(max_busy)
-        rounds.append(time_round(work, workdir))
+    rounds = [quiet_run(lambda: time_round(work, workdir), *quiet)[0] for _ in range(repeats)]
     middle = {key: statistics.median(record[key] for record in rounds) for key in rounds[0]}
     local_epochs = params.federation.local_epochs
     print(f"{name}: round {middle['wall_seconds']:.1f} s (local training {middle['train_seconds']:.1f} s)", flush=True)
@@ -217,8 +213,9 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="leukofed-benchmark-") as tmp:
             cache, split = cache_and_split(inputs, params, dataset, Path(tmp))
             machine_before = describe(threads)
-            centralized = measure_centralized(params, cache, split, threads, args.epochs_measured, args.max_busy)
-            rounds = {name: measure_round(params, args.project, dataset, name, threads, args.rounds_measured, Path(tmp), args.max_busy)
+            quiet = (args.max_busy, args.retries)
+            centralized = measure_centralized(params, cache, split, threads, args.epochs_measured, quiet)
+            rounds = {name: measure_round(params, args.project, dataset, name, threads, args.rounds_measured, Path(tmp), quiet)
                       for name in names}
         estimates = [estimate(settings, centralized, rounds, stages, params) for settings in scenarios]
     except LeukofedError as error:
@@ -235,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         "dataset": dataset,
         "threads": threads,
         "max_busy": args.max_busy,
+        "retries": args.retries,
         "centralized": centralized,
         "federated_rounds": rounds,
         "stages_last_run": stages,

@@ -33,7 +33,6 @@ import math
 import shlex
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -42,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from machine import describe
-from workload import add_input_arguments, add_quiet_argument, cache_and_split, median, split_part, wait_until_quiet
+from workload import add_input_arguments, add_quiet_argument, cache_and_split, median, quiet_run, split_part
 
 from leukofed.config import Params, TrainParams, load_params
 from leukofed.errors import LeukofedError
@@ -117,18 +116,16 @@ def run_bare_predict(model: torch.nn.Module, images: np.ndarray, batch_size: int
 
 
 def measure(variants: dict[str, Callable[[], None]], repeats: int, warmup: int, n_images: int, label: str,
-            max_busy: float) -> dict[str, list[float]]:
-    """Images/s of each variant per repetition; the order rotates so no variant always runs first; each run waits for a quiet CPU."""
+            max_busy: float, retries: int) -> dict[str, list[float]]:
+    """Images/s of each variant per repetition; the order rotates so no variant always runs first; each run on a quiet CPU."""
     names = list(variants)
     rates: dict[str, list[float]] = {name: [] for name in names}
     for index in range(warmup + repeats):
         shift = index % len(names)
         line = []
         for name in names[shift:] + names[:shift]:
-            wait_until_quiet(max_busy)
-            started = time.perf_counter()
-            variants[name]()
-            rate = n_images / (time.perf_counter() - started)
+            _, seconds, _ = quiet_run(variants[name], max_busy, retries)
+            rate = n_images / seconds
             line.append(f"{name} {rate:.0f}")
             if index >= warmup:
                 rates[name].append(rate)
@@ -171,13 +168,13 @@ def main(argv: list[str] | None = None) -> int:
 
     training = measure(
         {"trainer": trained(run_trainer), "bare_loop": trained(run_bare), "bare_loop_no_augmentation": trained(run_bare, augment=False)},
-        args.repeats, args.warmup, n_train, "training", args.max_busy,
+        args.repeats, args.warmup, n_train, "training", args.max_busy, args.retries,
     )
     model = fresh_model(params, n_classes, threads)
     inference = measure(
         {"predict_logits": lambda: run_predict(model, images, train.eval_batch_size),
          "bare_loop": lambda: run_bare_predict(model, images, train.eval_batch_size)},
-        args.repeats, args.warmup, len(images), "inference", args.max_busy,
+        args.repeats, args.warmup, len(images), "inference", args.max_busy, args.retries,
     )
     result = {
         "benchmark": "trainer_throughput",
@@ -195,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         "data": {"dataset": dataset, "cache": str(cache) if args.project or args.cache else "synthetic, built in a temp dir",
                  "part": args.part, "n_images": len(images), "image_size": int(images.shape[1])},
         "params": {"train": train.model_dump(), "model": params.model.model_dump(), "epochs_per_call": args.epochs,
-                   "threads": threads, "repeats": args.repeats, "warmup": args.warmup, "max_busy": args.max_busy},
+                   "threads": threads, "repeats": args.repeats, "warmup": args.warmup, "max_busy": args.max_busy,
+                   "retries": args.retries},
         "training": summarise(training, "trainer", "bare_loop"),
         "inference": summarise(inference, "predict_logits", "bare_loop"),
     }

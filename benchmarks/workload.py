@@ -7,9 +7,12 @@ the synthetic dataset of params.yaml is built in a temporary folder by the pipel
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -31,11 +34,17 @@ def add_input_arguments(parser) -> None:
     parser.add_argument("--split", type=Path, help="split.csv (overrides --project)")
 
 
-def add_quiet_argument(parser) -> None:
-    """``--max-busy``: the CPU share other processes may use when a timed repetition starts (see :func:`wait_until_quiet`)."""
+def add_quiet_argument(parser, retries: bool = True) -> None:
+    """``--max-busy`` (and ``--retries``): how quiet the CPUs must be around a timed repetition (see :func:`quiet_run`)."""
+    if not retries:
+        parser.add_argument("--max-busy", type=float, default=0.25,
+                            help="start each timed batch pair only once other processes keep the CPUs at most this busy "
+                                 "(0-1; 1: no wait; default: 0.25)")
+        return
     parser.add_argument("--max-busy", type=float, default=0.25,
-                        help="start each timed repetition only once other processes keep the CPUs at most this busy "
-                             "(0-1; 1 disables the wait; default: 0.25)")
+                        help="other processes may use at most this share of the CPUs before and during a timed repetition; "
+                             "a disturbed repetition is run again (0-1; 1: no checks; default: 0.25)")
+    parser.add_argument("--retries", type=int, default=3, help="reruns of a disturbed repetition (default: 3)")
 
 
 def cache_and_split(args, params: Params, dataset: str, workdir: Path) -> tuple[Path, Path]:
@@ -85,18 +94,24 @@ def median(values: list[float]) -> float:
     return float(statistics.median(values))
 
 
-def cpu_busy_fraction(window: float) -> float:
-    """Share of all cores' time spent busy (not idle or waiting on I/O) over ``window`` seconds, from /proc/stat."""
-    def sample() -> tuple[int, int]:
-        fields = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        idle = fields[3] + fields[4]  # idle, iowait
-        return sum(fields), idle
+PROC_STAT = Path("/proc/stat")
+T = TypeVar("T")
 
-    total_before, idle_before = sample()
+
+def _cpu_seconds() -> tuple[float, float]:
+    """(busy, total) seconds of all cores since boot: /proc/stat's user..steal fields, idle and iowait not busy."""
+    fields = [int(value) for value in PROC_STAT.read_text().split("\n", 1)[0].split()[1:9]]
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (sum(fields) - fields[3] - fields[4]) / ticks, sum(fields) / ticks
+
+
+def cpu_busy_fraction(window: float) -> float:
+    """Share of all cores' time spent busy over ``window`` seconds (this process sleeps meanwhile)."""
+    busy_before, total_before = _cpu_seconds()
     time.sleep(window)
-    total_after, idle_after = sample()
+    busy_after, total_after = _cpu_seconds()
     total = total_after - total_before
-    return 1 - (idle_after - idle_before) / total if total else 0.0
+    return (busy_after - busy_before) / total if total else 0.0
 
 
 def wait_until_quiet(max_busy: float, window: float = 1.0, timeout: float = 300.0) -> float | None:
@@ -104,13 +119,46 @@ def wait_until_quiet(max_busy: float, window: float = 1.0, timeout: float = 300.
 
     On a shared machine, a repetition started while another job runs is slowed unevenly (with two
     torch threads on two cores, by up to 10x: a thread descheduled at an OpenMP barrier stalls the
-    other). Gating every repetition on a quiet moment keeps such samples out. Returns the busy share
-    seen last, or None without /proc/stat (no gating then); gives up after ``timeout`` seconds.
+    other). Returns the busy share seen last, or None without /proc/stat (no gating then); gives up
+    after ``timeout`` seconds.
     """
-    if not Path("/proc/stat").is_file():
+    if max_busy >= 1 or not PROC_STAT.is_file():
         return None
     deadline = time.monotonic() + timeout
     busy = cpu_busy_fraction(window)
     while busy > max_busy and time.monotonic() < deadline:
         busy = cpu_busy_fraction(window)
     return busy
+
+
+def quiet_run(run: Callable[[], T], max_busy: float, retries: int) -> tuple[T, float, float | None]:
+    """Run ``run`` on a quiet CPU and check that it stayed quiet; repeat a disturbed run up to ``retries`` times.
+
+    Each attempt starts after :func:`wait_until_quiet`; afterwards, the CPU time other processes used
+    during it (all cores' busy time minus this process's CPU time, as a share of all cores' time) must
+    be at most ``max_busy``, else the attempt is discarded and run again (the last one is kept anyway).
+
+    Returns
+    -------
+    result, seconds, others_busy
+        ``run``'s result, its wall seconds, and the other processes' CPU share during it (None
+        without /proc/stat).
+    """
+    attempt = 0
+    while True:
+        wait_until_quiet(max_busy)
+        measurable = max_busy < 1 and PROC_STAT.is_file()
+        if measurable:
+            busy_before, total_before = _cpu_seconds()
+        own_before, started = time.process_time(), time.perf_counter()
+        result = run()
+        seconds, own = time.perf_counter() - started, time.process_time() - own_before
+        if not measurable:
+            return result, seconds, None
+        busy_after, total_after = _cpu_seconds()
+        total = total_after - total_before
+        others = max(0.0, busy_after - busy_before - own) / total if total else 0.0
+        if others <= max_busy or attempt >= retries:
+            return result, seconds, others
+        attempt += 1
+        print(f"  (discarded: other processes used {others:.0%} of the CPUs during it; running it again)", flush=True)
