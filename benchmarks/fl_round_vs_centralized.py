@@ -33,7 +33,7 @@ from pathlib import Path
 from torch import nn
 
 from machine import describe
-from workload import add_quiet_argument, quiet_run
+from workload import add_quiet_argument, cache_and_split, quiet_run
 
 from leukofed import stages
 from leukofed.config import FederationRun, Params, load_params
@@ -83,27 +83,16 @@ def pick_run(params: Params, name: str | None) -> tuple[str, FederationRun]:
 
 def prepare_inputs(args: argparse.Namespace, params: Params, dataset: str, n_sites: int, workdir: Path) -> tuple[Path, Path, Path]:
     """Cache folder, split and partition: given, found under ``--project``, or built in ``workdir`` by the pipeline stages."""
+    cache, split = cache_and_split(args, params, dataset, workdir)
     project = args.project
-    cache = args.cache or (project / "data" / dataset / "cache" if project else None)
-    split = args.split or (project / "results" / dataset / "split.csv" if project else None)
     partition = args.partition or (
         project / "results" / dataset / "partitions" / f"sites-{n_sites}" / PARTITION_FILE if project else None
     )
-    if cache is None:
-        if params.dataset_spec(dataset).source != "synthetic":
-            raise ConfigError(f"dataset '{dataset}' is not synthetic; pass --project or --cache/--split for its pipeline outputs")
-        stages.acquire(params, dataset, workdir / "data")
-        cache = workdir / "data" / "cache"
-        stages.preprocess(params, workdir / "data", cache)
-    if split is None:
-        split = workdir / "split.csv"
-        stages.split(params, cache, split)
     if partition is None:
         partition = workdir / f"sites-{n_sites}" / PARTITION_FILE
         stages.partition(params, cache, split, n_sites, partition.parent)
-    for path in (cache, split, partition):
-        if not path.exists():
-            raise DataError(f"{path}: not found; run the pipeline for dataset '{dataset}' first or pass the right path")
+    if not partition.exists():
+        raise DataError(f"{partition}: not found; run the pipeline for dataset '{dataset}' first or pass the right path")
     return cache, split, partition
 
 
